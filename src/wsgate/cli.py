@@ -1,0 +1,158 @@
+"""The ``wsgate`` command: ``serve``, ``token`` and ``check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from . import __version__
+from .config import Settings, effective, load_settings
+from .devkey import load_dev_secret
+from .errors import ConfigError
+from .log import configure_logging
+from .server import Gateway, serve
+from .tokens import mint_token
+
+BANNER = "=" * 72
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsgate", description="Authenticating WebSocket gateway.")
+    parser.add_argument("--version", action="version", version=f"wsgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+
+    s = sub.add_parser("serve", help="run the gateway")
+    common(s)
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default 8765)")
+    s.add_argument("--dev", action="store_true", default=None, help="force dev mode")
+    s.add_argument("--app", choices=["demo", "echo", "noop"], help="built-in agent (default demo)")
+    s.add_argument("--log-format", choices=["text", "json"], help="log format (default text)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    t = sub.add_parser("token", help="mint a token signed with the dev key")
+    common(t)
+    t.add_argument("--sub", required=True, help="subject (user id)")
+    t.add_argument("--ttl", type=float, default=900.0, help="lifetime in seconds (default 900)")
+    t.add_argument("--scope", action="append", default=[], help="a scope; repeat for more")
+    t.add_argument("--tenant", help="tenant claim")
+
+    c = sub.add_parser("check-config", help="validate the configuration and print it")
+    common(c)
+    return parser
+
+
+def _settings(args: argparse.Namespace, overrides: dict[str, Any]) -> Settings:
+    return load_settings(args.config, os.environ, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "token":
+            return _token(args)
+        return _check_config(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"wsgate: config: {problem}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(
+        args,
+        {
+            "server.host": args.host,
+            "server.port": args.port,
+            "dev.enabled": args.dev,
+            "agent.name": args.app,
+            "log.format": args.log_format,
+            "log.level": args.log_level,
+        },
+    )
+    configure_logging(settings.log.level, settings.log.format)
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(_run_server, settings)
+    return 0
+
+
+async def _run_server(settings: Settings) -> None:
+    async with trio.open_nursery() as nursery:
+        gateway: Gateway = await nursery.start(serve, settings)
+        _print_banner(gateway)
+
+
+def _print_banner(gateway: Gateway) -> None:
+    settings = gateway.settings
+    host, port = gateway.addresses[0]
+    url = f"ws://{host}:{port}{settings.server.path}"
+    lines = []
+    if gateway.dev_secret is not None:
+        token = gateway.mint_dev_token("alice", ttl=3600)
+        lines += [
+            BANNER,
+            "  DEV MODE: tokens are signed with a local dev key "
+            f"({settings.dev.key_file}). Not for production.",
+            BANNER,
+            f"wsgate listening on {url}",
+            "token for 'alice' (1 hour; more with: wsgate token --sub NAME):",
+            token,
+            "connect, e.g.:",
+            f"  websocat -H 'Authorization: Bearer {token}' {url}",
+            'then send: {"type":"user_message","text":"hi"}',
+        ]
+    else:
+        lines.append(f"wsgate listening on {url}")
+    print("\n".join(lines), flush=True)
+
+
+def _token(args: argparse.Namespace) -> int:
+    settings = _settings(args, {})
+    issuer: str | None
+    audience: str | None
+    if settings.dev_mode:
+        secret = load_dev_secret(settings.dev.key_file)
+        issuer, audience = (
+            settings.auth.issuer or settings.dev.issuer,
+            settings.auth.audience or settings.dev.audience,
+        )
+    elif settings.auth.hmac_secret is not None:
+        secret = settings.auth.hmac_secret.encode()
+        issuer, audience = settings.auth.issuer, settings.auth.audience
+    else:
+        print("wsgate: token: needs dev mode or auth.hmac_secret to sign with", file=sys.stderr)
+        return 2
+    claims = {"tenant": args.tenant} if args.tenant else {}
+    print(
+        mint_token(
+            secret,
+            args.sub,
+            now=time.time(),
+            ttl=args.ttl,
+            issuer=issuer,
+            audience=audience,
+            scopes=args.scope,
+            **claims,
+        )
+    )
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args, {})
+    for name, value in effective(settings):
+        print(f"{name} = {value}")
+    print(f"# dev mode: {'on' if settings.dev_mode else 'off'}")
+    return 0

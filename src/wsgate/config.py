@@ -1,0 +1,319 @@
+"""Configuration: one tree of frozen attrs classes, validated, with layered sources.
+
+Precedence, lowest to highest: defaults, the TOML file (``--config``), environment
+variables ``WSGATE_SECTION__NAME`` and CLI flags. A wrong value is refused with
+a message that names the setting (``server.port: must be between 0 and 65535``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import attrs
+
+from .errors import ConfigError
+
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+SECRET = {"secret": True}
+
+
+def _check(predicate: Callable[[Any], bool], message: str) -> Validator:
+    def validate(_instance: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and not predicate(value):
+            raise ValueError(message)
+
+    return validate
+
+
+def _positive() -> Validator:
+    return _check(lambda v: v > 0, "must be greater than 0")
+
+
+def _non_negative() -> Validator:
+    return _check(lambda v: v >= 0, "must be 0 or more")
+
+
+def _between(low: float, high: float) -> Validator:
+    return _check(lambda v: low <= v <= high, f"must be between {low:g} and {high:g}")
+
+
+def _one_of(*choices: str) -> Validator:
+    return _check(lambda v: v in choices, "must be one of " + ", ".join(choices))
+
+
+Environment = Literal["development", "production"]
+Policy = Literal["strict", "tolerant", "local", "demo"]
+
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+
+
+@attrs.frozen
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8765, validator=_between(0, 65535))
+    path: str = attrs.field(default="/ws", validator=_check(lambda v: v.startswith("/"), "must start with /"))
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive())
+    max_message_bytes: int = attrs.field(default=65536, validator=_between(128, 16 * 1024 * 1024))
+    send_queue_messages: int = attrs.field(default=256, validator=_positive())
+    slow_consumer_timeout: float = attrs.field(default=10.0, validator=_positive())
+    max_runs_per_session: int = attrs.field(default=4, validator=_positive())
+    max_json_depth: int = attrs.field(default=16, validator=_between(2, 256))
+    close_timeout: float = attrs.field(default=5.0, validator=_positive())
+    max_connections: int = attrs.field(default=10000, validator=_positive())
+    max_connections_per_user: int = attrs.field(default=10, validator=_positive())
+
+
+@attrs.frozen
+class KeySettings:
+    """One verification key and the algorithms it may be used with."""
+
+    kind: str = attrs.field(default="hmac", validator=_one_of("hmac", "public"))
+    secret: str | None = attrs.field(default=None, metadata=SECRET, repr=False)
+    secret_file: str | None = None
+    pem_file: str | None = None
+    pem: str | None = None
+    algorithms: tuple[str, ...] = ()
+    kid: str | None = None
+
+
+@attrs.frozen
+class AuthSettings:
+    keys: tuple[KeySettings, ...] = ()
+    hmac_secret: str | None = attrs.field(default=None, metadata=SECRET, repr=False)
+    issuer: str | None = None
+    audience: str | None = None
+    leeway: float = attrs.field(default=10.0, validator=_between(0, 300))
+    max_token_bytes: int = attrs.field(default=8192, validator=_between(256, 65536))
+    required_claims: tuple[str, ...] = ("exp", "sub")
+    token_types: tuple[str, ...] = ("JWT", "at+jwt")
+    tenant_claim: str = "tenant"
+    header: bool = True
+    subprotocol: bool = True
+
+
+@attrs.frozen
+class DevSettings:
+    """Dev mode: on when asked for, or when no key is configured outside production."""
+
+    enabled: bool | None = None
+    key_file: str = ".wsgate/dev.key"
+    issuer: str = "wsgate-dev"
+    audience: str = "wsgate"
+
+
+@attrs.frozen
+class AgentSettings:
+    name: str = attrs.field(default="demo", validator=_one_of("demo", "echo", "noop"))
+    step_delay: float = attrs.field(default=0.05, validator=_between(0, 60))
+
+
+@attrs.frozen
+class LogSettings:
+    level: str = attrs.field(default="info", validator=_one_of("debug", "info", "warning", "error"))
+    format: str = attrs.field(default="text", validator=_one_of("text", "json"))
+
+
+@attrs.frozen
+class Settings:
+    environment: str = attrs.field(default="development", validator=_one_of("development", "production"))
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    dev: DevSettings = DevSettings()
+    agent: AgentSettings = AgentSettings()
+    log: LogSettings = LogSettings()
+
+    @property
+    def dev_mode(self) -> bool:
+        if self.dev.enabled is not None:
+            return self.dev.enabled
+        return self.environment != "production" and not self.auth.keys and not self.auth.hmac_secret
+
+    def problems(self) -> list[str]:
+        """Cross-setting problems (each names its setting); empty when consistent."""
+        found: list[str] = []
+        if self.environment == "production" and self.dev_mode:
+            found.append("dev.enabled: dev mode is refused when environment is production")
+        if not self.dev_mode and not self.auth.keys and not self.auth.hmac_secret:
+            found.append("auth.keys: no verification key configured (set auth.hmac_secret or auth.keys)")
+        if self.auth.hmac_secret is not None and len(self.auth.hmac_secret.encode()) < 32:
+            found.append("auth.hmac_secret: must be at least 32 bytes")
+        if not (self.auth.header or self.auth.subprotocol):
+            found.append("auth.header: at least one token source must be enabled")
+        for i, key in enumerate(self.auth.keys):
+            found.extend(f"auth.keys[{i}].{p}" for p in _key_problems(key))
+        return found
+
+
+def _key_problems(key: KeySettings) -> list[str]:
+    found = []
+    if key.kind == "hmac":
+        if (key.secret is None) == (key.secret_file is None):
+            found.append("secret: set exactly one of secret and secret_file")
+        if any(a not in HMAC_ALGORITHMS for a in key.algorithms):
+            found.append("algorithms: an hmac key allows only " + ", ".join(HMAC_ALGORITHMS))
+    else:
+        if (key.pem is None) == (key.pem_file is None):
+            found.append("pem: set exactly one of pem and pem_file")
+        if not key.algorithms:
+            found.append("algorithms: a public key needs its algorithm allow-list")
+        if any(a.upper().startswith("HS") or a.lower() == "none" for a in key.algorithms):
+            found.append("algorithms: a public key may not be used with HMAC or none")
+    return found
+
+
+# -- loading ------------------------------------------------------------------
+
+ENV_PREFIX = "WSGATE_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build settings from the file, the environment and dotted overrides.
+
+    Raises :class:`ConfigError` listing every problem, each naming its setting.
+    """
+    layered: dict[str, Any] = {}
+    problems: list[str] = []
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as f:
+                _merge(layered, tomllib.load(f))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError([f"--config: cannot read {config_file}: {exc}"]) from None
+    for name, value in (os.environ if env is None else env).items():
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+            _merge(layered, _nest(path, value))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _merge(layered, _nest(dotted.split("."), value))
+    settings: Settings | None = _build(Settings, layered, "", problems)
+    if settings is None or problems:
+        raise ConfigError(problems)
+    problems.extend(settings.problems())
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {path[-1]: value}
+    for part in reversed(path[:-1]):
+        out = {part: out}
+    return out
+
+
+def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _build(cls: type[Any], data: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(data, Mapping):
+        problems.append(f"{prefix.rstrip('.') or 'settings'}: must be a table")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {a.name: a for a in attrs.fields(cls)}
+    for unknown in sorted(set(data) - set(fields)):
+        problems.append(f"{prefix}{unknown}: unknown setting")
+    kwargs: dict[str, Any] = {}
+    before = len(problems)
+    for name, attribute in fields.items():
+        if name not in data:
+            continue
+        full = prefix + name
+        try:
+            value = _coerce(data[name], hints[name], full, problems)
+            if attribute.validator is not None:
+                attribute.validator(None, attribute, value)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{full}: {exc} (got {_shown(attribute, data[name])})")
+            continue
+        kwargs[name] = value
+    if len(problems) > before:
+        return None
+    return cls(**kwargs)
+
+
+def _shown(attribute: attrs.Attribute[Any], value: Any) -> str:
+    return "***" if attribute.metadata.get("secret") else repr(value)
+
+
+def _coerce(value: Any, hint: Any, name: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if attrs.has(hint):
+        built = _build(hint, value, name + ".", problems)
+        if built is None:
+            raise ValueError("invalid section")
+        return built
+    if origin in (types.UnionType, typing.Union):
+        if value is None or (isinstance(value, str) and value == ""):
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _coerce(value, inner, name, problems)
+    if origin is tuple:
+        inner = args[0]
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise TypeError("must be a list")
+        if attrs.has(inner):
+            out = []
+            for i, item in enumerate(items):
+                built = _build(inner, item, f"{name}[{i}].", problems)
+                if built is None:
+                    raise ValueError("invalid entry")
+                out.append(built)
+            return tuple(out)
+        return tuple(_coerce(i.strip() if isinstance(i, str) else i, inner, name, problems) for i in items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise TypeError("must be true or false")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise TypeError("must be an integer")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise TypeError("must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError("must be a string")
+        return value
+    raise TypeError(f"unsupported setting type {hint!r}")
+
+
+def effective(settings: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Flatten settings into (dotted name, shown value) pairs, secrets masked."""
+    rows: list[tuple[str, str]] = []
+    for attribute in attrs.fields(type(settings)):
+        value = getattr(settings, attribute.name)
+        name = prefix + attribute.name
+        if attrs.has(type(value)):
+            rows.extend(effective(value, name + "."))
+        elif isinstance(value, tuple) and value and attrs.has(type(value[0])):
+            for i, item in enumerate(value):
+                rows.extend(effective(item, f"{name}[{i}]."))
+        elif attribute.metadata.get("secret") and value is not None:
+            rows.append((name, "***"))
+        else:
+            rows.append((name, repr(value)))
+    return rows

@@ -1,0 +1,247 @@
+"""One connection after the upgrade: a nursery of reader, writer and agent runs.
+
+The session's tasks live and die together. Whatever ends the connection (the
+client leaving, a slow consumer, expiry, a bug) calls :meth:`Session.close`
+once with a close code; that cancels the nursery, queued messages are flushed
+within ``close_timeout``, and the WebSocket is closed with that code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from .agent import Agent, RunContext
+from .config import ServerSettings
+from .errors import CloseCode
+from .protocol import (
+    AGENT_EVENTS,
+    PROTOCOL_VERSION,
+    Auth,
+    AuthRefresh,
+    ClientMessage,
+    Ping,
+    ProtocolError,
+    RunCancel,
+    UserMessage,
+    encode,
+    parse_client_message,
+)
+from .tokens import Identity
+
+log = logging.getLogger("wsgate.session")
+
+MAX_PROTOCOL_ERRORS = 20
+
+
+class Session:
+    """Serves one authenticated WebSocket until it closes."""
+
+    def __init__(
+        self,
+        session_id: str,
+        ws: WebSocketConnection,
+        identity: Identity,
+        agent: Agent,
+        settings: ServerSettings,
+        *,
+        degraded: bool = False,
+    ) -> None:
+        self.id = session_id
+        self.ws = ws
+        self.identity = identity
+        self.degraded = degraded
+        self._agent = agent
+        self._settings = settings
+        self._out_send, self._out_recv = trio.open_memory_channel[dict[str, Any]](
+            settings.send_queue_messages
+        )
+        self._seq = 0
+        self._run_ids = itertools.count(1)
+        self._runs: dict[str, trio.CancelScope] = {}
+        self._protocol_errors = 0
+        self._cancel_scope = trio.CancelScope()
+        self.close_code: CloseCode | None = None
+        self.close_reason = ""
+        self._client_gone = False
+
+    # -- public ---------------------------------------------------------------
+
+    @property
+    def seq(self) -> int:
+        """The ``seq`` of the last message written to the socket."""
+        return self._seq
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """End the session with ``code``; the first call wins, later ones are ignored."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        self._cancel_scope.cancel()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Queue one message; a consumer that stays full too long is closed (1008)."""
+        with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
+            try:
+                await self._out_send.send(message)
+            except trio.ClosedResourceError:
+                return
+        if waited.cancelled_caught:
+            self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
+
+    async def run(self) -> None:
+        """Serve until closed. Never raises except Cancelled; a bug closes with 1011."""
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self.send(self._ready_message())
+                    nursery.start_soon(self._reader, nursery)
+        except Exception:
+            log.exception("session failed", extra={"session": self.id, "event": "session.error"})
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        await self._finish()
+
+    # -- tasks ----------------------------------------------------------------
+
+    def _ready_message(self) -> dict[str, Any]:
+        identity = self.identity
+        return {
+            "type": "session.ready",
+            "session_id": self.id,
+            "subject": identity.subject,
+            "tenant": identity.tenant,
+            "scopes": sorted(identity.scopes),
+            "expires_at": identity.expires_at,
+            "degraded": self.degraded,
+            "anonymous": identity.anonymous,
+            "protocol": PROTOCOL_VERSION,
+        }
+
+    async def _writer(self) -> None:
+        async for message in self._out_recv:
+            if not await self._write(message):
+                return
+
+    async def _write(self, message: dict[str, Any]) -> bool:
+        self._seq += 1
+        message["seq"] = self._seq
+        try:
+            await self.ws.send_message(encode(message))
+        except ConnectionClosed:
+            self._client_left()
+            return False
+        return True
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                raw = await self.ws.get_message()
+            except ConnectionClosed:
+                self._client_left()
+                return
+            try:
+                message = parse_client_message(raw, max_depth=self._settings.max_json_depth)
+            except ProtocolError as exc:
+                self._protocol_errors += 1
+                if self._protocol_errors > MAX_PROTOCOL_ERRORS:
+                    self.close(CloseCode.MALFORMED_MESSAGE, "too many malformed messages")
+                    return
+                await self.send_error(exc.code, exc.reason)
+                continue
+            await self._dispatch(message, nursery)
+
+    async def _dispatch(self, message: ClientMessage, nursery: trio.Nursery) -> None:
+        if isinstance(message, Ping):
+            await self.send({"type": "pong", "id": message.id})
+        elif isinstance(message, UserMessage):
+            await self._start_run(message, nursery)
+        elif isinstance(message, RunCancel):
+            scope = self._runs.get(message.run_id)
+            if scope is None:
+                await self.send_error("unknown_run", f"no active run '{message.run_id}'")
+            else:
+                scope.cancel()
+        elif isinstance(message, AuthRefresh):
+            await self.on_refresh(message.token)
+        elif isinstance(message, Auth):
+            await self.send_error("already_authenticated", "this connection is already authenticated")
+
+    async def on_refresh(self, token: str) -> None:
+        """In-band refresh; the gateway's sessions override this (see issue #4)."""
+        await self.send_error("unsupported", "in-band refresh is not enabled")
+
+    async def send_error(self, code: str, reason: str) -> None:
+        await self.send({"type": "error", "code": code, "message": reason})
+
+    async def _start_run(self, message: UserMessage, nursery: trio.Nursery) -> None:
+        if len(self._runs) >= self._settings.max_runs_per_session:
+            await self.send_error("too_many_runs", "too many runs in progress on this connection")
+            return
+        run_id = f"r{next(self._run_ids)}"
+        scope = trio.CancelScope()
+        self._runs[run_id] = scope
+        nursery.start_soon(self._run_agent, run_id, message, scope)
+
+    async def _run_agent(self, run_id: str, message: UserMessage, scope: trio.CancelScope) -> None:
+        completed = False
+        tag = {"message_id": message.id} if message.id is not None else {}
+
+        async def emit(event: str, /, **fields: Any) -> None:
+            nonlocal completed
+            if event not in AGENT_EVENTS:
+                raise ValueError(f"not an agent event: {event!r}")
+            if completed:
+                raise RuntimeError("the run has already completed")
+            completed = event == "agent_completed"
+            await self.send({"type": event, "run_id": run_id, **tag, **fields})
+
+        ctx = RunContext(run_id=run_id, session_id=self.id, identity=self.identity)
+        status = "ok"
+        try:
+            with scope:
+                await self._agent.run(ctx, message.text, emit)
+            if scope.cancelled_caught:
+                status = "cancelled"
+        except Exception:
+            # The agent is the application's code: its failure ends its run, not the connection.
+            log.exception("agent run failed", extra={"session": self.id, "run_id": run_id})
+            status = "error"
+        finally:
+            del self._runs[run_id]
+        if not completed:
+            await self.send({"type": "agent_completed", "run_id": run_id, **tag, "status": status})
+
+    def _client_left(self) -> None:
+        self._client_gone = True
+        self.close(CloseCode.NORMAL, "client closed")
+
+    async def _finish(self) -> None:
+        """Flush what is queued, then close the socket with the recorded code."""
+        code = self.close_code or CloseCode.NORMAL
+        with trio.move_on_after(self._settings.close_timeout) as cleanup:
+            cleanup.shield = True
+            if not self._client_gone and code != CloseCode.INTERNAL_ERROR:
+                while True:
+                    try:
+                        message = self._out_recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                    if not await self._write(message):
+                        break
+            self._out_send.close()
+            await self.ws.aclose(int(code), self.close_reason[:120] or None)
+        log.info(
+            "session closed",
+            extra={
+                "event": "session.closed",
+                "session": self.id,
+                "subject": self.identity.subject_hash,
+                "code": int(code),
+                "reason": self.close_reason,
+            },
+        )

@@ -1,0 +1,64 @@
+"""Where a token may come from in the upgrade request.
+
+A pure function over the request's headers and offered subprotocols. Two
+different tokens in one request are refused (400), never merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+
+from .errors import BadRequest
+from .tokens import TokenSource
+
+PROTOCOL = "wsgate.v1"
+BEARER_PREFIX = "bearer."
+
+
+@attrs.frozen
+class Credentials:
+    """What the upgrade request carried: at most one token, and the subprotocol to select."""
+
+    token: str | None
+    source: TokenSource | None
+    subprotocol: str | None
+
+
+def extract_credentials(
+    headers: Sequence[tuple[bytes, bytes]],
+    subprotocols: Sequence[str],
+    *,
+    header: bool = True,
+    subprotocol: bool = True,
+) -> Credentials:
+    """Find the token in the request, or raise :class:`BadRequest`."""
+    found: list[tuple[str, TokenSource]] = []
+    if header:
+        for name, value in headers:
+            if name.lower() != b"authorization":
+                continue
+            text = value.decode("latin-1").strip()
+            scheme, _, credential = text.partition(" ")
+            if scheme.lower() != "bearer" or not credential.strip():
+                raise BadRequest("Authorization must be 'Bearer <token>'")
+            found.append((credential.strip(), TokenSource.HEADER))
+    offered_protocol = PROTOCOL in subprotocols
+    bearer = [p for p in subprotocols if p.lower().startswith(BEARER_PREFIX)]
+    if bearer:
+        if not subprotocol:
+            raise BadRequest("subprotocol tokens are not enabled")
+        if not offered_protocol:
+            raise BadRequest(f"a bearer subprotocol must come with {PROTOCOL}")
+        found.extend((p[len(BEARER_PREFIX) :], TokenSource.SUBPROTOCOL) for p in bearer)
+    distinct = {token for token, _ in found}
+    if len(distinct) > 1:
+        raise BadRequest("more than one token in the request")
+    chosen = PROTOCOL if offered_protocol else None
+    if not found:
+        return Credentials(None, None, chosen)
+    token, source = found[0]
+    if not token:
+        raise BadRequest("empty token")
+    return Credentials(token, source, chosen)

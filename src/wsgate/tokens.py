@@ -1,0 +1,320 @@
+"""The one token verifier: every JWT wsgate accepts passes through here.
+
+Nothing else in wsgate calls ``jwt.decode``. Time is passed in (``now``, in
+epoch seconds) so that tests drive expiry with Trio's ``MockClock``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from .config import HMAC_ALGORITHMS, AuthSettings, KeySettings
+from .errors import ConfigError, Unauthorized
+
+_KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
+    "RS": (rsa.RSAPublicKey,),
+    "PS": (rsa.RSAPublicKey,),
+    "ES": (ec.EllipticCurvePublicKey,),
+    "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+# Header parameters that point at keys elsewhere; we never follow them.
+_FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c")
+
+
+class TokenSource(enum.Enum):
+    HEADER = "header"
+    SUBPROTOCOL = "subprotocol"
+    COOKIE = "cookie"
+    QUERY = "query"
+    FIRST_MESSAGE = "first_message"
+    REFRESH = "refresh"
+    ANONYMOUS = "anonymous"
+
+
+@attrs.frozen
+class Identity:
+    """Who a connection is. Immutable; a refresh makes a new one for the same subject."""
+
+    subject: str
+    expires_at: float
+    source: TokenSource
+    tenant: str | None = None
+    scopes: frozenset[str] = frozenset()
+    issued_at: float | None = None
+    token_id: str | None = None
+    anonymous: bool = False
+
+    @property
+    def user_key(self) -> tuple[str | None, str]:
+        """The key users are isolated by: (tenant, subject)."""
+        return (self.tenant, self.subject)
+
+    @property
+    def subject_hash(self) -> str:
+        """A short stable hash of the subject, for logs."""
+        return hashlib.sha256(f"{self.tenant}\0{self.subject}".encode()).hexdigest()[:12]
+
+
+class TokenRejected(Unauthorized):
+    """The token failed verification; ``reason`` is short and safe to show."""
+
+
+@attrs.frozen
+class VerificationKey:
+    """A prepared key bound to the algorithms it may verify."""
+
+    key: Any = attrs.field(repr=False)
+    algorithms: frozenset[str]
+    kid: str | None = None
+
+
+def load_keys(settings: AuthSettings, dev_secret: bytes | None = None) -> list[VerificationKey]:
+    """Prepare every configured key once; refuse keys that do not fit their algorithms."""
+    keys: list[VerificationKey] = []
+    problems: list[str] = []
+    if dev_secret is not None:
+        keys.append(VerificationKey(dev_secret, frozenset({"HS256"})))
+    if settings.hmac_secret is not None:
+        keys.append(VerificationKey(settings.hmac_secret.encode(), frozenset({"HS256"})))
+    for i, spec in enumerate(settings.keys):
+        try:
+            keys.append(_load_key(spec))
+        except (OSError, ValueError, TypeError) as exc:
+            problems.append(f"auth.keys[{i}]: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return keys
+
+
+def _load_key(spec: KeySettings) -> VerificationKey:
+    if spec.kind == "hmac":
+        secret = (
+            spec.secret.encode()
+            if spec.secret is not None
+            else Path(str(spec.secret_file)).read_bytes().strip()
+        )
+        if len(secret) < 32:
+            raise ValueError("an HMAC secret must be at least 32 bytes")
+        return VerificationKey(secret, frozenset(spec.algorithms or ("HS256",)), spec.kid)
+    pem = spec.pem.encode() if spec.pem is not None else Path(str(spec.pem_file)).read_bytes()
+    public = serialization.load_pem_public_key(pem)
+    for alg in spec.algorithms:
+        expected = next((t for p, t in _KEY_TYPES.items() if alg.startswith(p)), None)
+        if expected is None or not isinstance(public, expected):
+            raise ValueError(f"algorithm {alg} does not fit a {type(public).__name__}")
+    return VerificationKey(public, frozenset(spec.algorithms), spec.kid)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class TokenVerifier:
+    """Verifies a JWT against the configured keys and claims, or raises TokenRejected."""
+
+    def __init__(
+        self,
+        keys: Iterable[VerificationKey],
+        *,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway: float = 0.0,
+        max_token_bytes: int = 8192,
+        required_claims: Iterable[str] = ("exp", "sub"),
+        token_types: Iterable[str] = ("JWT", "at+jwt"),
+        tenant_claim: str = "tenant",
+    ) -> None:
+        self._keys = tuple(keys)
+        if not self._keys:
+            raise ConfigError(["auth.keys: no verification key configured"])
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway
+        self._max_bytes = max_token_bytes
+        self._required = sorted(set(required_claims) | {"exp", "sub"})
+        self._types = frozenset(t.lower() for t in token_types)
+        self._tenant_claim = tenant_claim
+        self._algorithms = frozenset().union(*(k.algorithms for k in self._keys))
+        self._options: Any = {
+            "require": self._required,
+            "verify_exp": False,  # checked below against the `now` we are given
+            "verify_nbf": False,
+            "verify_iat": False,
+            "verify_aud": audience is not None,
+            "verify_iss": issuer is not None,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: AuthSettings, keys: Iterable[VerificationKey]) -> TokenVerifier:
+        return cls(
+            keys,
+            issuer=settings.issuer,
+            audience=settings.audience,
+            leeway=settings.leeway,
+            max_token_bytes=settings.max_token_bytes,
+            required_claims=settings.required_claims,
+            token_types=settings.token_types,
+            tenant_claim=settings.tenant_claim,
+        )
+
+    def verify(self, token: str, now: float, source: TokenSource) -> Identity:
+        """Return the token's identity, or raise :class:`TokenRejected` saying why."""
+        if len(token) > self._max_bytes:
+            raise TokenRejected("token too large")
+        if token.count(".") != 2 or not token.isascii():
+            raise TokenRejected("malformed token")
+        try:
+            header = jwt.get_unverified_header(token)
+            alg = self._check_header(header)
+            claims = self._decode(token, header, alg)
+        except TokenRejected:
+            raise
+        except jwt.ExpiredSignatureError:
+            raise TokenRejected("token expired") from None
+        except jwt.InvalidSignatureError:
+            raise TokenRejected("bad signature") from None
+        except jwt.InvalidAudienceError:
+            raise TokenRejected("wrong audience") from None
+        except jwt.InvalidIssuerError:
+            raise TokenRejected("wrong issuer") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise TokenRejected(f"missing claim {exc.claim}") from None
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError, RecursionError):
+            raise TokenRejected("malformed token") from None
+        return self._identity(claims, now, source)
+
+    def _check_header(self, header: Mapping[str, Any]) -> str:
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg.lower() == "none":
+            raise TokenRejected("algorithm not allowed")
+        if alg not in self._algorithms:
+            raise TokenRejected("algorithm not allowed")
+        if "crit" in header:
+            raise TokenRejected("unsupported critical header")
+        if any(h in header for h in _FORBIDDEN_HEADERS):
+            raise TokenRejected("remote key references are not accepted")
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in self._types):
+            raise TokenRejected("wrong token type")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise TokenRejected("malformed token")
+        return alg
+
+    def _candidates(self, header: Mapping[str, Any], alg: str) -> list[VerificationKey]:
+        kid = header.get("kid")
+        usable = [k for k in self._keys if alg in k.algorithms]
+        if kid is not None:
+            named = [k for k in usable if k.kid == kid]
+            if named:
+                return named
+        return [k for k in usable if k.kid is None] or usable
+
+    def _decode(self, token: str, header: Mapping[str, Any], alg: str) -> dict[str, Any]:
+        candidates = self._candidates(header, alg)
+        if not candidates:
+            raise TokenRejected("no key for this token")
+        last: Exception = TokenRejected("bad signature")
+        for key in candidates:
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token,
+                    key.key,
+                    algorithms=[alg],
+                    audience=self._audience,
+                    issuer=self._issuer,
+                    options=self._options,
+                )
+                return claims
+            except jwt.InvalidSignatureError as exc:
+                last = exc
+        raise last
+
+    def _identity(self, claims: Mapping[str, Any], now: float, source: TokenSource) -> Identity:
+        for name in ("exp", "nbf", "iat"):
+            if name in claims and not _is_number(claims[name]):
+                raise TokenRejected(f"claim {name} must be a number")
+        exp = float(claims["exp"])
+        if now > exp + self._leeway:
+            raise TokenRejected("token expired")
+        if "nbf" in claims and now + self._leeway < float(claims["nbf"]):
+            raise TokenRejected("token not yet valid")
+        if "iat" in claims and now + self._leeway < float(claims["iat"]):
+            raise TokenRejected("token issued in the future")
+        # Exact comparison ourselves too: never a prefix, substring or list match.
+        if self._issuer is not None and claims.get("iss") != self._issuer:
+            raise TokenRejected("wrong issuer")
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject or len(subject) > 256:
+            raise TokenRejected("claim sub must be a non-empty string")
+        tenant = claims.get(self._tenant_claim)
+        if tenant is not None and (not isinstance(tenant, str) or len(tenant) > 256):
+            raise TokenRejected(f"claim {self._tenant_claim} must be a string")
+        jti = claims.get("jti")
+        if jti is not None and not isinstance(jti, str):
+            raise TokenRejected("claim jti must be a string")
+        return Identity(
+            subject=subject,
+            expires_at=exp,
+            source=source,
+            tenant=tenant,
+            scopes=_scopes(claims),
+            issued_at=float(claims["iat"]) if "iat" in claims else None,
+            token_id=jti,
+        )
+
+
+def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    scope = claims.get("scope", claims.get("scp"))
+    if isinstance(scope, str):
+        return frozenset(scope.split())
+    if isinstance(scope, list) and all(isinstance(s, str) for s in scope):
+        return frozenset(scope)
+    if scope is None:
+        return frozenset()
+    raise TokenRejected("claim scope must be a string or a list of strings")
+
+
+def mint_token(
+    secret: bytes,
+    subject: str,
+    *,
+    now: float,
+    ttl: float = 900.0,
+    issuer: str | None = None,
+    audience: str | None = None,
+    scopes: Iterable[str] = (),
+    **claims: Any,
+) -> str:
+    """Sign an HS256 token (dev mode, tests and ``wsgate token``)."""
+    payload: dict[str, Any] = {"sub": subject, "iat": int(now), "exp": int(now + ttl), **claims}
+    if issuer is not None:
+        payload["iss"] = issuer
+    if audience is not None:
+        payload["aud"] = audience
+    scope_list = list(scopes)
+    if scope_list:
+        payload["scope"] = " ".join(scope_list)
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+__all__ = [
+    "HMAC_ALGORITHMS",
+    "Identity",
+    "TokenRejected",
+    "TokenSource",
+    "TokenVerifier",
+    "VerificationKey",
+    "load_keys",
+    "mint_token",
+]
