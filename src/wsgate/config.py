@@ -222,6 +222,10 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
             into[key] = dict(value) if isinstance(value, Mapping) else value
 
 
+class _Reported(Exception):
+    """A nested problem that has already been recorded."""
+
+
 def _build(cls: type[Any], data: Any, prefix: str, problems: list[str]) -> Any:
     if not isinstance(data, Mapping):
         problems.append(f"{prefix.rstrip('.') or 'settings'}: must be a table")
@@ -240,6 +244,8 @@ def _build(cls: type[Any], data: Any, prefix: str, problems: list[str]) -> Any:
             value = _coerce(data[name], hints[name], full, problems)
             if attribute.validator is not None:
                 attribute.validator(None, attribute, value)
+        except _Reported:
+            continue
         except (TypeError, ValueError) as exc:
             problems.append(f"{full}: {exc} (got {_shown(attribute, data[name])})")
             continue
@@ -259,7 +265,7 @@ def _coerce(value: Any, hint: Any, name: str, problems: list[str]) -> Any:
     if attrs.has(hint):
         built = _build(hint, value, name + ".", problems)
         if built is None:
-            raise ValueError("invalid section")
+            raise _Reported
         return built
     if origin in (types.UnionType, typing.Union):
         if value is None or (isinstance(value, str) and value == ""):
@@ -276,7 +282,7 @@ def _coerce(value: Any, hint: Any, name: str, problems: list[str]) -> Any:
             for i, item in enumerate(items):
                 built = _build(inner, item, f"{name}[{i}].", problems)
                 if built is None:
-                    raise ValueError("invalid entry")
+                    raise _Reported
                 out.append(built)
             return tuple(out)
         return tuple(_coerce(i.strip() if isinstance(i, str) else i, inner, name, problems) for i in items)
@@ -289,11 +295,17 @@ def _coerce(value: Any, hint: Any, name: str, problems: list[str]) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise TypeError("must be an integer")
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError("must be an integer") from None
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise TypeError("must be a number")
-        return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError("must be a number") from None
     if hint is str:
         if not isinstance(value, str):
             raise TypeError("must be a string")

@@ -41,10 +41,13 @@ class Admission:
 
 
 class WallClock:
-    """Epoch seconds derived from Trio's clock, so ``MockClock`` drives token expiry too."""
+    """Epoch seconds derived from Trio's clock, so ``MockClock`` drives token expiry too.
 
-    def __init__(self, epoch_at_zero: float | None = None) -> None:
-        self._offset = epoch_at_zero if epoch_at_zero is not None else time.time() - trio.current_time()
+    ``start`` is the wall-clock time to report now (default: ``time.time()``).
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self._offset = (time.time() if start is None else start) - trio.current_time()
 
     def now(self) -> float:
         return self._offset + trio.current_time()

@@ -130,10 +130,17 @@ class Session:
     async def _write(self, message: dict[str, Any]) -> bool:
         self._seq += 1
         message["seq"] = self._seq
-        try:
-            await self.ws.send_message(encode(message))
-        except ConnectionClosed:
-            self._client_left()
+        # A message taken from the queue is written whole even while the session is
+        # being cancelled (a frame cut in half would corrupt the stream), within a bound.
+        with trio.CancelScope(shield=True) as scope:
+            scope.relative_deadline = self._settings.slow_consumer_timeout
+            try:
+                await self.ws.send_message(encode(message))
+            except ConnectionClosed:
+                self._client_left()
+                return False
+        if scope.cancelled_caught:
+            self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
             return False
         return True
 

@@ -1,0 +1,207 @@
+"""Helpers for deterministic tests of wsgate and of applications built on it.
+
+Everything here runs client and server over in-memory streams in one Trio run,
+so ``trio.testing.MockClock(autojump_threshold=0)`` drives every deadline::
+
+    async def test_golden_path(autojump_clock):
+        async with open_harness() as h, h.connect(h.token("alice")) as client:
+            ready = await client.receive_json()
+            events = await client.run("hi")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio.testing
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+from .agent import Agent
+from .config import Settings, load_settings
+from .server import Gateway, WallClock, open_gateway
+from .tokens import mint_token
+
+TEST_SECRET = b"wsgate-testing-secret-not-for-production-use"
+TEST_ISSUER = "https://issuer.test"
+TEST_AUDIENCE = "wsgate"
+#: The wall-clock time a test gateway starts at, so tokens are reproducible.
+TEST_EPOCH = 1_800_000_000.0
+
+__all__ = [
+    "TEST_AUDIENCE",
+    "TEST_EPOCH",
+    "TEST_ISSUER",
+    "TEST_SECRET",
+    "Client",
+    "ConnectionRejected",
+    "GatewayHarness",
+    "open_harness",
+    "settings_for_tests",
+]
+
+
+def settings_for_tests(**overrides: Any) -> Settings:
+    """Settings with a test HMAC key, issuer and audience; ``overrides`` use dotted names.
+
+    ``settings_for_tests(**{"server.handshake_timeout": 2})``
+    """
+    base: dict[str, Any] = {
+        "auth.hmac_secret": TEST_SECRET.decode(),
+        "auth.issuer": TEST_ISSUER,
+        "auth.audience": TEST_AUDIENCE,
+        "auth.leeway": 0.0,
+        "dev.enabled": False,
+        "agent.step_delay": 0.1,
+    }
+    base.update(overrides)
+    return load_settings(None, env={}, overrides=base)
+
+
+class Client:
+    """The client side of one in-memory WebSocket, speaking JSON."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.ws.subprotocol
+
+    async def send_json(self, message: Mapping[str, Any]) -> None:
+        await self.ws.send_message(json.dumps(message))
+
+    async def send_text(self, text: str | bytes) -> None:
+        await self.ws.send_message(text)
+
+    async def receive_json(self) -> dict[str, Any]:
+        message: dict[str, Any] = json.loads(await self.ws.get_message())
+        return message
+
+    async def receive_until(self, *types: str) -> list[dict[str, Any]]:
+        """Receive messages up to and including the first whose type is one of ``types``."""
+        received = []
+        while True:
+            message = await self.receive_json()
+            received.append(message)
+            if message["type"] in types:
+                return received
+
+    async def run(self, text: str) -> list[dict[str, Any]]:
+        """Send a ``user_message`` and return everything up to its ``agent_completed``."""
+        await self.send_json({"type": "user_message", "text": text})
+        return await self.receive_until("agent_completed")
+
+    async def wait_closed(self) -> tuple[list[dict[str, Any]], CloseReason]:
+        """Receive until the server closes; return what arrived and the close reason."""
+        received = []
+        while True:
+            try:
+                received.append(await self.receive_json())
+            except ConnectionClosed as closed:
+                assert closed.reason is not None
+                return received, closed.reason
+
+
+def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException:
+    leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+    return leaves[0] if len(leaves) == 1 else group
+
+
+def _leaves(exc: BaseException) -> Iterable[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+class GatewayHarness:
+    """A running gateway plus ways to reach it over in-memory streams."""
+
+    def __init__(self, gateway: Gateway, nursery: trio.Nursery, secret: bytes) -> None:
+        self.gateway = gateway
+        self.nursery = nursery
+        self.secret = secret
+
+    def now(self) -> float:
+        return self.gateway.clock.now()
+
+    def token(
+        self, subject: str = "alice", *, ttl: float = 900.0, scopes: Sequence[str] = (), **claims: Any
+    ) -> str:
+        """A token the gateway accepts (unless ``claims`` say otherwise)."""
+        claims.setdefault("iss", TEST_ISSUER)
+        claims.setdefault("aud", TEST_AUDIENCE)
+        return mint_token(self.secret, subject, now=self.now(), ttl=ttl, scopes=scopes, **claims)
+
+    def open_stream(self) -> trio.abc.Stream:
+        """A raw client stream whose other end the gateway serves."""
+        client, server = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self.gateway.handle_stream, server)
+        return client
+
+    @asynccontextmanager
+    async def connect(
+        self,
+        token: str | None = None,
+        *,
+        via: str = "header",
+        path: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        subprotocols: Sequence[str] | None = None,
+    ) -> AsyncIterator[Client]:
+        """Open a WebSocket to the gateway; a refusal raises ``ConnectionRejected``."""
+        extra = list(headers)
+        protocols = list(subprotocols) if subprotocols is not None else []
+        if token is not None and via == "header":
+            extra.append((b"Authorization", f"Bearer {token}".encode()))
+        elif token is not None and via == "subprotocol":
+            protocols += ["wsgate.v1", f"bearer.{token}"]
+        stream = self.open_stream()
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = await wrap_client_stream(
+                    nursery,
+                    stream,  # type: ignore[arg-type]
+                    "wsgate.test",
+                    path or self.gateway.settings.server.path,
+                    subprotocols=protocols,
+                    extra_headers=extra,
+                    max_message_size=1 << 22,
+                )
+                try:
+                    yield Client(ws)
+                finally:
+                    with trio.move_on_after(5) as cleanup:
+                        cleanup.shield = True
+                        await ws.aclose()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+
+
+@asynccontextmanager
+async def open_harness(
+    settings: Settings | None = None,
+    *,
+    agent: Agent | None = None,
+    secret: bytes = TEST_SECRET,
+    epoch: float = TEST_EPOCH,
+) -> AsyncIterator[GatewayHarness]:
+    """Run a gateway for the duration of the block (see :func:`settings_for_tests`)."""
+    async with (
+        trio.open_nursery() as nursery,
+        open_gateway(settings or settings_for_tests(), agent=agent, clock=WallClock(epoch)) as gateway,
+    ):
+        yield GatewayHarness(gateway, nursery, secret)
+        nursery.cancel_scope.cancel()

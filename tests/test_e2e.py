@@ -1,0 +1,180 @@
+"""End to end: ``wsgate serve`` as a subprocess, the ``websockets`` client over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import websockets
+
+AGENT_EVENTS = ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[str], url: str, cwd: Path) -> None:
+        self.proc = proc
+        self.url = url
+        self.cwd = cwd
+
+    def token(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "wsgate", "token", *args],
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        return out.stdout.strip()
+
+
+def start_server(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsgate", "serve", "--port", "0", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        match = re.search(r"listening on (ws://\S+)", line)
+        if match:
+            return Server(proc, match.group(1), cwd)
+    proc.kill()
+    raise AssertionError("server did not start: " + (proc.stderr.read() if proc.stderr else ""))
+
+
+def stop(server: Server) -> str:
+    server.proc.terminate()
+    try:
+        _, err = server.proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        _, err = server.proc.communicate()
+    return err
+
+
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(tmp_path_factory.mktemp("dev"))
+    yield server
+    stop(server)
+
+
+async def golden_path(url: str, **connect: Any) -> tuple[str | None, dict[str, Any], list[dict[str, Any]]]:
+    async with websockets.connect(url, open_timeout=10, **connect) as ws:
+        ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        await ws.send(json.dumps({"type": "user_message", "text": "hi"}))
+        events = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(5)]
+        return ws.subprotocol, ready, events
+
+
+def test_dev_mode_banner_key_file_and_golden_path_with_bearer_header(dev_server: Server) -> None:
+    key_file = dev_server.cwd / ".wsgate" / "dev.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    token = dev_server.token("--sub", "alice")
+    protocol, ready, events = asyncio.run(
+        golden_path(dev_server.url, additional_headers={"Authorization": f"Bearer {token}"})
+    )
+    assert protocol is None
+    assert ready["type"] == "session.ready" and ready["subject"] == "alice"
+    assert [e["type"] for e in events] == AGENT_EVENTS
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs) and seqs[0] > ready["seq"]
+
+
+def test_golden_path_with_subprotocol_token(dev_server: Server) -> None:
+    token = dev_server.token("--sub", "bob", "--ttl", "60")
+    protocol, ready, events = asyncio.run(
+        golden_path(dev_server.url, subprotocols=["wsgate.v1", f"bearer.{token}"])
+    )
+    assert protocol == "wsgate.v1"
+    assert ready["subject"] == "bob"
+    assert [e["type"] for e in events] == AGENT_EVENTS
+
+
+async def rejected(url: str, **connect: Any) -> tuple[int, dict[str, str], bytes]:
+    with pytest.raises(websockets.InvalidStatus) as caught:
+        async with websockets.connect(url, open_timeout=10, **connect):
+            pass  # pragma: no cover
+    response = caught.value.response
+    headers = {k.lower(): v for k, v in response.headers.raw_items()}
+    return response.status_code, headers, bytes(response.body or b"")
+
+
+@pytest.mark.parametrize("case", ["missing", "other_key", "expired", "garbage"])
+def test_bad_tokens_get_401(dev_server: Server, case: str) -> None:
+    tokens: dict[str, Callable[[], str]] = {
+        "missing": lambda: "",
+        "other_key": lambda: jwt.encode(
+            {"sub": "alice", "exp": int(time.time()) + 60, "iss": "wsgate-dev", "aud": "wsgate"},
+            b"another-key-entirely-0123456789abcdef",
+            algorithm="HS256",
+        ),
+        "expired": lambda: dev_server.token("--sub", "alice", "--ttl", "-60"),
+        "garbage": lambda: "not.a.token",
+    }
+    token = tokens[case]()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status, response_headers, body = asyncio.run(rejected(dev_server.url, additional_headers=headers))
+    assert status == 401
+    assert response_headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    assert body.strip() in {b"token missing", b"bad signature", b"token expired", b"malformed token"}
+
+
+def test_a_configured_server_is_not_in_dev_mode(tmp_path: Path) -> None:
+    config = tmp_path / "wsgate.toml"
+    config.write_text(
+        '[auth]\nhmac_secret = "a-configured-secret-of-at-least-32-bytes"\nissuer = "me"\naudience = "you"\n'
+    )
+    server = start_server(tmp_path, "--config", str(config), env={"WSGATE_AGENT__NAME": "echo"})
+    try:
+        token = jwt.encode(
+            {"sub": "carol", "exp": int(time.time()) + 60, "iss": "me", "aud": "you"},
+            b"a-configured-secret-of-at-least-32-bytes",
+            algorithm="HS256",
+        )
+
+        async def echo() -> dict[str, Any]:
+            async with websockets.connect(
+                server.url, additional_headers={"Authorization": f"Bearer {token}"}
+            ) as ws:
+                await ws.recv()
+                await ws.send(json.dumps({"type": "user_message", "text": "echo me"}))
+                reply: dict[str, Any] = json.loads(await ws.recv())
+                return reply
+
+        assert asyncio.run(echo())["output"] == "echo me"
+        assert not (tmp_path / ".wsgate").exists()
+    finally:
+        err = stop(server)
+    assert "DEV MODE" not in err
+    assert token not in err
+
+
+def test_bad_configuration_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wsgate", "serve", "--port", "70000"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "server.port: must be between 0 and 65535" in result.stderr

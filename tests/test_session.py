@@ -1,0 +1,239 @@
+"""In-memory gateway tests under MockClock: the golden path and its failure modes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from wsgate import CloseCode, RunContext
+from wsgate.agent import Emit
+from wsgate.session import Session
+from wsgate.testing import ConnectionRejected, GatewayHarness, open_harness, settings_for_tests
+
+AGENT_EVENTS = ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"]
+
+
+def header(rejection: ConnectionRejected, name: bytes) -> bytes | None:
+    return next((v for k, v in rejection.headers if k.lower() == name.lower()), None)
+
+
+@pytest.mark.parametrize("via", ["header", "subprotocol"])
+async def test_golden_path(autojump_clock: trio.testing.MockClock, via: str) -> None:
+    async with open_harness() as h, h.connect(h.token("alice"), via=via) as client:
+        ready = await client.receive_json()
+        assert ready["type"] == "session.ready"
+        assert ready["subject"] == "alice"
+        assert ready["protocol"] == "wsgate.v1"
+        assert ready["degraded"] is False
+        assert ready["expires_at"] == h.now() + 900
+        assert client.subprotocol == ("wsgate.v1" if via == "subprotocol" else None)
+        events = await client.run("hello there world")
+        assert [e["type"] for e in events] == AGENT_EVENTS
+        assert [e["seq"] for e in events] == [2, 3, 4, 5, 6]
+        assert {e["run_id"] for e in events} == {"r1"}
+        assert events[3]["result"]["words"] == 3
+        assert events[-1]["status"] == "ok"
+        # A second run on the same connection continues the sequence.
+        again = await client.run("x")
+        assert [e["seq"] for e in again] == [7, 8, 9, 10, 11]
+        assert {e["run_id"] for e in again} == {"r2"}
+
+
+async def test_subprotocol_never_echoes_the_token(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_harness() as h:
+        token = h.token()
+        async with h.connect(token, via="subprotocol") as client:
+            assert client.subprotocol == "wsgate.v1"
+            assert all(token.encode() not in v for _, v in client.ws.handshake_headers)
+
+
+async def expect_rejection(h: GatewayHarness, status: int, **kw: Any) -> ConnectionRejected:
+    with pytest.raises(ConnectionRejected) as caught:
+        async with h.connect(**kw):
+            pass  # pragma: no cover
+    assert caught.value.status_code == status, caught.value.body
+    return caught.value
+
+
+async def test_refusals_before_the_upgrade(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_harness() as h:
+        missing = await expect_rejection(h, 401)
+        assert header(missing, b"www-authenticate") == b'Bearer error="invalid_token"'
+        assert missing.body == b"token missing\n"
+        bad_key = await expect_rejection(h, 401, token=h.token(iss="https://issuer.test", aud="wsgate") + "x")
+        assert bad_key.body == b"bad signature\n"
+        expired = await expect_rejection(h, 401, token=h.token(ttl=-1))
+        assert expired.body == b"token expired\n"
+        await expect_rejection(h, 404, token=h.token(), path="/nope")
+        two = await expect_rejection(
+            h,
+            400,
+            token=h.token("alice"),
+            subprotocols=["wsgate.v1", "bearer." + h.token("mallory")],
+        )
+        assert two.body == b"more than one token in the request\n"
+        await expect_rejection(h, 400, subprotocols=["bearer." + h.token()])
+        assert h.gateway.stats["handshake.401"] == 3
+        assert h.gateway.stats["handshake.admitted"] == 0
+        assert len(h.gateway.registry) == 0
+
+
+async def test_same_token_twice_is_fine(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_harness() as h:
+        token = h.token()
+        async with h.connect(token, subprotocols=["wsgate.v1", f"bearer.{token}"]) as client:
+            assert (await client.receive_json())["type"] == "session.ready"
+
+
+async def test_handshake_deadline_drops_a_silent_client(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_harness(settings_for_tests(**{"server.handshake_timeout": 3})) as h:
+        stream = h.open_stream()
+        await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+        start = trio.current_time()
+        assert await stream.receive_some() == b""
+        assert trio.current_time() - start == pytest.approx(3)
+        assert h.gateway.stats["handshake.timeout"] == 1
+        # The gateway still serves others.
+        async with h.connect(h.token()) as client:
+            assert (await client.receive_json())["type"] == "session.ready"
+
+
+async def test_run_cancel_gives_a_terminal_event(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_harness() as h, h.connect(h.token()) as client:
+        await client.receive_json()
+        await client.send_json({"type": "user_message", "text": "long job"})
+        started = await client.receive_json()
+        assert started["type"] == "agent_started"
+        await client.send_json({"type": "run.cancel", "run_id": started["run_id"]})
+        done = await client.receive_json()
+        assert done == {"type": "agent_completed", "run_id": "r1", "status": "cancelled", "seq": 3}
+        await client.send_json({"type": "run.cancel", "run_id": "r1"})
+        assert (await client.receive_json())["code"] == "unknown_run"
+        # Nothing more of r1 arrives; the connection still works.
+        await client.send_json({"type": "ping", "id": "p"})
+        assert await client.receive_json() == {"type": "pong", "id": "p", "seq": 5}
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "text"),
+    [
+        ("not json", "bad_message", "not valid JSON"),
+        ("[1, 2]", "bad_message", "must be a JSON object"),
+        ('{"text": "x"}', "bad_message", "field 'type' is required"),
+        ('{"type": 5}', "bad_message", "field 'type' is required"),
+        ('{"type": "nope"}', "unknown_type", "unknown message type 'nope'"),
+        ('{"type": "user_message"}', "bad_message", "field 'text' is required"),
+        ('{"type": "user_message", "text": 5}', "bad_message", "field 'text' must be a string"),
+        ('{"type": "run.cancel", "run_id": []}', "bad_message", "field 'run_id' must be a string"),
+        (
+            '{"type": "user_message", "text": "x", "meta": ' + "[" * 40 + "]" * 40 + "}",
+            "bad_message",
+            "nested",
+        ),
+        (b"\x00binary", "bad_message", "binary frames"),
+        ('{"type": "auth", "token": "x"}', "already_authenticated", "already authenticated"),
+    ],
+)
+async def test_malformed_messages_get_an_error_and_the_connection_survives(
+    autojump_clock: trio.testing.MockClock, frame: str | bytes, code: str, text: str
+) -> None:
+    async with open_harness() as h, h.connect(h.token()) as client:
+        await client.receive_json()
+        await client.send_text(frame)
+        error = await client.receive_json()
+        assert error["type"] == "error"
+        assert error["code"] == code
+        assert text in error["message"]
+        events = await client.run("still here")
+        assert events[-1]["status"] == "ok"
+
+
+async def test_endless_malformed_messages_close_with_4400(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_harness() as h, h.connect(h.token()) as client:
+        for _ in range(25):
+            await client.send_text("nope")
+        received, reason = await client.wait_closed()
+        assert reason.code == CloseCode.MALFORMED_MESSAGE
+        assert [m["type"] for m in received[1:]] == ["error"] * 20
+
+
+async def test_a_crashing_session_closes_alone_with_1011(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Session._dispatch
+
+    async def dispatch(self: Session, message: Any, nursery: trio.Nursery) -> None:
+        if self.identity.subject == "crasher":
+            raise RuntimeError("bug in a handler")
+        await original(self, message, nursery)
+
+    monkeypatch.setattr(Session, "_dispatch", dispatch)
+    async with open_harness() as h, h.connect(h.token("bystander")) as bystander:
+        await bystander.receive_json()
+        await bystander.send_json({"type": "user_message", "text": "during the crash"})
+        async with h.connect(h.token("crasher")) as crasher:
+            await crasher.receive_json()
+            await crasher.send_json({"type": "ping"})
+            _, reason = await crasher.wait_closed()
+            assert reason.code == CloseCode.INTERNAL_ERROR
+        events = await bystander.receive_until("agent_completed")
+        assert [e["type"] for e in events] == AGENT_EVENTS
+        assert h.gateway.stats["close.1011"] == 1
+
+
+async def test_client_vanishing_mid_send_ends_only_its_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_harness() as h, h.connect(h.token("bob")) as bob:
+        await bob.receive_json()
+        stream = h.open_stream()
+        # Speak just enough WebSocket by hand, then cut the stream mid-run.
+        async with h.connect(h.token("alice")) as alice:
+            await alice.receive_json()
+            await alice.send_json({"type": "user_message", "text": "x"})
+            await alice.receive_json()
+            await alice.ws._stream.aclose()  # the network goes away
+        await stream.aclose()
+        events = await bob.run("fine")
+        assert events[-1]["status"] == "ok"
+        await trio.sleep(1)
+        assert h.gateway.stats["connection.bug"] == 0
+        assert h.gateway.registry.users == 1
+
+
+class FailingAgent:
+    async def run(self, ctx: RunContext, message: str, emit: Emit) -> None:
+        await emit("agent_started")
+        raise ValueError("agent bug")
+
+
+async def test_an_agent_failure_ends_its_run_not_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_harness(agent=FailingAgent()) as h, h.connect(h.token()) as client:
+        await client.receive_json()
+        events = await client.run("x")
+        assert [(e["type"], e.get("status")) for e in events] == [
+            ("agent_started", None),
+            ("agent_completed", "error"),
+        ]
+        await client.send_json({"type": "ping"})
+        assert (await client.receive_json())["type"] == "pong"
+
+
+async def test_concurrent_runs_are_bounded(autojump_clock: trio.testing.MockClock) -> None:
+    settings = settings_for_tests(**{"server.max_runs_per_session": 2})
+    async with open_harness(settings) as h, h.connect(h.token()) as client:
+        await client.receive_json()
+        for _ in range(3):
+            await client.send_json({"type": "user_message", "text": "x"})
+        seen = [await client.receive_json() for _ in range(11)]
+        errors = [m for m in seen if m["type"] == "error"]
+        assert [e["code"] for e in errors] == ["too_many_runs"]
+        done = [m for m in seen if m["type"] == "agent_completed"]
+        assert sorted(m["run_id"] for m in done) == ["r1", "r2"]
+        seqs = [m["seq"] for m in seen]
+        assert seqs == sorted(seqs) == list(range(2, 13))
