@@ -95,6 +95,38 @@ class AuthSettings:
     tenant_claim: str = "tenant"
     header: bool = True
     subprotocol: bool = True
+    policy: str = attrs.field(default="tolerant", validator=_one_of("strict", "tolerant", "local", "demo"))
+    introspection_url: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = attrs.field(default=None, metadata=SECRET, repr=False)
+    client_auth: str = attrs.field(default="basic", validator=_one_of("basic", "bearer", "none"))
+    call_timeout: float = attrs.field(default=1.0, validator=_positive())
+    deadline: float = attrs.field(default=2.0, validator=_positive())
+    retries: int = attrs.field(default=2, validator=_between(0, 10))
+    backoff_base: float = attrs.field(default=0.1, validator=_positive())
+    backoff_max: float = attrs.field(default=1.0, validator=_positive())
+    cache_ttl: float = attrs.field(default=60.0, validator=_non_negative())
+    negative_cache_ttl: float = attrs.field(default=5.0, validator=_non_negative())
+    cache_size: int = attrs.field(default=10000, validator=_positive())
+    jwks_url: str | None = None
+    discovery: bool = False
+    jwks_refresh_interval: float = attrs.field(default=300.0, validator=_positive())
+    jwks_min_refetch_interval: float = attrs.field(default=30.0, validator=_positive())
+    anonymous_ttl: float = attrs.field(default=3600.0, validator=_positive())
+
+
+@attrs.frozen
+class BreakerSettings:
+    """The circuit breaker in front of the auth service (see docs/configuration.md)."""
+
+    window: int = attrs.field(default=20, validator=_between(1, 10000))
+    min_calls: int = attrs.field(default=10, validator=_between(1, 10000))
+    failure_rate: float = attrs.field(default=0.5, validator=_between(0.01, 1))
+    slow_call_duration: float = attrs.field(default=0.5, validator=_positive())
+    slow_call_rate: float = attrs.field(default=1.0, validator=_between(0.01, 1))
+    open_wait: float = attrs.field(default=5.0, validator=_positive())
+    half_open_calls: int = attrs.field(default=3, validator=_between(1, 1000))
+    max_concurrent_calls: int = attrs.field(default=20, validator=_between(1, 10000))
 
 
 @attrs.frozen
@@ -124,23 +156,55 @@ class Settings:
     environment: str = attrs.field(default="development", validator=_one_of("development", "production"))
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
+    breaker: BreakerSettings = BreakerSettings()
     dev: DevSettings = DevSettings()
     agent: AgentSettings = AgentSettings()
     log: LogSettings = LogSettings()
 
     @property
+    def has_keys(self) -> bool:
+        auth = self.auth
+        return bool(auth.keys or auth.hmac_secret or auth.jwks_url or (auth.discovery and auth.issuer))
+
+    @property
     def dev_mode(self) -> bool:
         if self.dev.enabled is not None:
             return self.dev.enabled
-        return self.environment != "production" and not self.auth.keys and not self.auth.hmac_secret
+        return self.environment != "production" and not self.has_keys
 
     def problems(self) -> list[str]:
         """Cross-setting problems (each names its setting); empty when consistent."""
         found: list[str] = []
         if self.environment == "production" and self.dev_mode:
             found.append("dev.enabled: dev mode is refused when environment is production")
-        if not self.dev_mode and not self.auth.keys and not self.auth.hmac_secret:
-            found.append("auth.keys: no verification key configured (set auth.hmac_secret or auth.keys)")
+        auth = self.auth
+        if not self.dev_mode and not self.has_keys:
+            found.append(
+                "auth.keys: no verification key configured "
+                "(set auth.hmac_secret, auth.keys, auth.jwks_url or auth.discovery with auth.issuer)"
+            )
+        if self.environment == "production" and auth.policy == "demo":
+            found.append("auth.policy: demo is refused when environment is production")
+        if auth.discovery and not auth.issuer:
+            found.append("auth.discovery: needs auth.issuer")
+        if auth.discovery and auth.jwks_url:
+            found.append("auth.jwks_url: set either auth.jwks_url or auth.discovery, not both")
+        if auth.call_timeout > auth.deadline:
+            found.append("auth.call_timeout: must not exceed auth.deadline")
+        if auth.deadline >= self.server.handshake_timeout:
+            found.append("auth.deadline: must be shorter than server.handshake_timeout")
+        if auth.client_auth != "none" and auth.introspection_url and not auth.client_secret:
+            found.append(f"auth.client_secret: needed for client_auth = {auth.client_auth}")
+        if auth.client_auth == "basic" and auth.introspection_url and not auth.client_id:
+            found.append("auth.client_id: needed for client_auth = basic")
+        for name in ("introspection_url", "jwks_url", "issuer"):
+            url = getattr(auth, name)
+            if url and name != "issuer" and not url.startswith(("http://", "https://")):
+                found.append(f"auth.{name}: must be an http:// or https:// URL")
+        if auth.discovery and auth.issuer and not auth.issuer.startswith(("http://", "https://")):
+            found.append("auth.issuer: must be an http:// or https:// URL for discovery")
+        if self.breaker.min_calls > self.breaker.window:
+            found.append("breaker.min_calls: must not exceed breaker.window")
         if self.auth.hmac_secret is not None and len(self.auth.hmac_secret.encode()) < 32:
             found.append("auth.hmac_secret: must be at least 32 bytes")
         if not (self.auth.header or self.auth.subprotocol):

@@ -9,24 +9,34 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import attrs
+import httpx
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from .agent import Agent, builtin_agent
+from .auth import Authenticator
+from .breaker import BreakerConfig, CircuitBreaker
+from .breaker_actor import BreakerActor
+from .clock import WallClock
 from .config import Settings
 from .devkey import load_dev_secret
-from .errors import GatewayError, NotFound, Unauthorized
+from .errors import CloseCode, GatewayError, NotFound, Unauthorized
+from .introspection import IntrospectionClient
+from .jwks import KeySetSource
+from .policy import Level, ServiceAnswer
 from .registry import Lease, Registry
 from .session import Session
 from .sources import extract_credentials
+from .streams import GuardedStream
 from .tokens import Identity, TokenVerifier, load_keys, mint_token
+
+__all__ = ["Admission", "Gateway", "WallClock", "open_gateway", "serve"]
 
 log = logging.getLogger("wsgate.server")
 
@@ -38,19 +48,8 @@ class Admission:
     identity: Identity
     subprotocol: str | None
     degraded: bool = False
-
-
-class WallClock:
-    """Epoch seconds derived from Trio's clock, so ``MockClock`` drives token expiry too.
-
-    ``start`` is the wall-clock time to report now (default: ``time.time()``).
-    """
-
-    def __init__(self, start: float | None = None) -> None:
-        self._offset = (time.time() if start is None else start) - trio.current_time()
-
-    def now(self) -> float:
-        return self._offset + trio.current_time()
+    #: Kept (in memory only) when the session may have to be re-checked with the auth service.
+    token: str | None = attrs.field(default=None, repr=False)
 
 
 def _reject_headers(error: GatewayError) -> list[tuple[bytes, bytes]]:
@@ -76,19 +75,20 @@ class Gateway:
         agent: Agent | None = None,
         verifier: TokenVerifier | None = None,
         clock: WallClock | None = None,
+        http: httpx.AsyncClient | None = None,
     ) -> None:
         self.settings = settings
         self._nursery = nursery
         self.clock = clock or WallClock()
         self.dev_secret = load_dev_secret(settings.dev.key_file) if settings.dev_mode else None
+        auth = settings.auth
+        if settings.dev_mode:
+            auth = attrs.evolve(
+                auth,
+                issuer=auth.issuer or settings.dev.issuer,
+                audience=auth.audience or settings.dev.audience,
+            )
         if verifier is None:
-            auth = settings.auth
-            if settings.dev_mode:
-                auth = attrs.evolve(
-                    auth,
-                    issuer=auth.issuer or settings.dev.issuer,
-                    audience=auth.audience or settings.dev.audience,
-                )
             verifier = TokenVerifier.from_settings(auth, load_keys(auth, self.dev_secret))
         self.verifier = verifier
         self.agent = agent or builtin_agent(settings.agent.name, settings.agent.step_delay)
@@ -97,6 +97,80 @@ class Gateway:
         )
         self.stats: Counter[str] = Counter()
         self.addresses: list[tuple[str, int]] = []
+        b = settings.breaker
+        self.breaker = BreakerActor(
+            CircuitBreaker(
+                BreakerConfig(
+                    window=b.window,
+                    min_calls=b.min_calls,
+                    failure_rate=b.failure_rate,
+                    slow_call_duration=b.slow_call_duration,
+                    slow_call_rate=b.slow_call_rate,
+                    open_wait=b.open_wait,
+                    half_open_calls=b.half_open_calls,
+                    max_concurrent_calls=b.max_concurrent_calls,
+                )
+            )
+        )
+        needs_http = bool(auth.introspection_url or auth.jwks_url or auth.discovery)
+        self.http = http or (httpx.AsyncClient(timeout=auth.deadline * 2) if needs_http else None)
+        self._owns_http = http is None and self.http is not None
+        introspection = key_set = None
+        if self.http is not None and auth.introspection_url:
+            introspection = IntrospectionClient(auth, self.http, self.breaker, nursery, self.clock.now)
+        if self.http is not None and (auth.jwks_url or auth.discovery):
+            key_set = KeySetSource(auth, self.http, self.verifier.set_dynamic_keys)
+        self.auth = Authenticator(
+            self.verifier,
+            Level(auth.policy),
+            self.clock,
+            introspection=introspection,
+            key_set=key_set,
+            anonymous_ttl=auth.anonymous_ttl,
+        )
+
+    async def _start(self) -> None:
+        await self._nursery.start(self.breaker.run)
+        if self.auth.key_set is not None:
+            await self._nursery.start(self.auth.key_set.run)
+        if self.auth.introspection is not None:
+            self._nursery.start_soon(self._revalidate_degraded)
+
+    async def _revalidate_degraded(self) -> None:
+        """Re-check degraded sessions when the breaker changes state, and every ``open_wait``.
+
+        The re-checks go through the breaker like any call, so while it is open they cost
+        nothing, and they are what probes a recovered service when no handshake does.
+        """
+        transitions = self.breaker.subscribe()
+        while True:
+            with trio.move_on_after(self.settings.breaker.open_wait):
+                await transitions.receive()
+            degraded = [s for s in self.registry.all_sessions() if s.degraded]
+            if degraded:
+                async with trio.open_nursery() as nursery:
+                    for session in degraded:
+                        nursery.start_soon(self.recheck, session)
+
+    async def recheck(self, session: Session) -> None:
+        """Ask the auth service about a live session again; close it if it is no longer active."""
+        token = session.token
+        if token is None or session.close_code is not None:
+            return
+        answer = await self.auth.recheck(token)
+        if session.token != token:
+            return  # refreshed meanwhile: the new token was checked on its own
+        if answer is ServiceAnswer.INACTIVE:
+            self.stats["recheck.inactive"] += 1
+            session.close(CloseCode.FORBIDDEN, "token revoked")
+        elif answer is ServiceAnswer.ACTIVE and session.degraded:
+            self.stats["recheck.restored"] += 1
+            session.degraded = False
+
+    async def _stop(self) -> None:
+        if self._owns_http and self.http is not None:
+            with trio.CancelScope(shield=True):
+                await self.http.aclose()
 
     # -- serving ------------------------------------------------------------
 
@@ -128,12 +202,16 @@ class Gateway:
         server = self.settings.server
         lease: Lease | None = None
         session: Session | None = None
+        guarded = GuardedStream(stream)
         with trio.move_on_after(server.handshake_timeout) as deadline:
             request = await wrap_server_stream(
-                nursery, stream, message_queue_size=4, max_message_size=server.max_message_bytes
+                nursery, guarded, message_queue_size=4, max_message_size=server.max_message_bytes
             )
             try:
-                admission = await self.admit(request)
+                admission = await self._admit_unless_gone(request, guarded)
+                if admission is None:
+                    self.stats["handshake.abandoned"] += 1
+                    return
                 lease = self.registry.lease(admission.identity.user_key)
             except GatewayError as error:
                 self.stats[f"handshake.{error.status}"] += 1
@@ -184,9 +262,30 @@ class Gateway:
             self.agent,
             self.settings.server,
             degraded=admission.degraded,
+            token=admission.token,
         )
 
     # -- admission ----------------------------------------------------------
+
+    async def _admit_unless_gone(self, request: WebSocketRequest, stream: GuardedStream) -> Admission | None:
+        """Admission, cancelled (returning None) if the client leaves meanwhile."""
+        admission: Admission | None = None
+        refusal: GatewayError | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await stream.gone.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                admission = await self.admit(request)
+            except GatewayError as exc:  # raised here, not wrapped in the nursery's group
+                refusal = exc
+            nursery.cancel_scope.cancel()
+        if refusal is not None:
+            raise refusal
+        return admission
 
     async def admit(self, request: WebSocketRequest) -> Admission:
         """Decide on one upgrade request, or raise the :class:`GatewayError` to answer with."""
@@ -198,10 +297,9 @@ class Gateway:
             header=self.settings.auth.header,
             subprotocol=self.settings.auth.subprotocol,
         )
-        if credentials.token is None or credentials.source is None:
-            raise Unauthorized("token missing")
-        identity = self.verifier.verify(credentials.token, self.clock.now(), credentials.source)
-        return Admission(identity=identity, subprotocol=credentials.subprotocol)
+        result = await self.auth.authenticate(credentials.token, credentials.source)
+        keep = credentials.token if self.auth.introspection is not None else None
+        return Admission(result.identity, credentials.subprotocol, degraded=result.degraded, token=keep)
 
     def mint_dev_token(self, subject: str, ttl: float = 900.0, scopes: tuple[str, ...] = ()) -> str:
         """A token the running dev-mode gateway accepts."""
@@ -225,14 +323,17 @@ async def open_gateway(
     agent: Agent | None = None,
     verifier: TokenVerifier | None = None,
     clock: WallClock | None = None,
+    http: httpx.AsyncClient | None = None,
 ) -> AsyncIterator[Gateway]:
     """Run a gateway's background services; connections are served while inside."""
     async with trio.open_nursery() as nursery:
-        gateway = Gateway(settings, nursery, agent=agent, verifier=verifier, clock=clock)
+        gateway = Gateway(settings, nursery, agent=agent, verifier=verifier, clock=clock, http=http)
         try:
+            await gateway._start()
             yield gateway
         finally:
             nursery.cancel_scope.cancel()
+            await gateway._stop()
 
 
 async def serve(

@@ -50,8 +50,10 @@ class Session:
         settings: ServerSettings,
         *,
         degraded: bool = False,
+        token: str | None = None,
     ) -> None:
         self.id = session_id
+        self._token = token
         self.ws = ws
         self.identity = identity
         self.degraded = degraded
@@ -70,6 +72,11 @@ class Session:
         self._client_gone = False
 
     # -- public ---------------------------------------------------------------
+
+    @property
+    def token(self) -> str | None:
+        """The current token, kept only where the auth service may re-check it."""
+        return self._token
 
     @property
     def seq(self) -> int:
@@ -241,6 +248,7 @@ class Session:
                     if not await self._write(message):
                         break
             self._out_send.close()
+            self._token = None
             await self.ws.aclose(int(code), self.close_reason[:120] or None)
         log.info(
             "session closed",

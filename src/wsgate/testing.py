@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import trio
 import trio.testing
 from trio_websocket import (
@@ -27,8 +28,10 @@ from trio_websocket import (
 )
 
 from .agent import Agent
+from .clock import WallClock
 from .config import Settings, load_settings
-from .server import Gateway, WallClock, open_gateway
+from .fakeauth import FakeAuthService
+from .server import Gateway, open_gateway
 from .tokens import mint_token
 
 TEST_SECRET = b"wsgate-testing-secret-not-for-production-use"
@@ -44,6 +47,7 @@ __all__ = [
     "TEST_SECRET",
     "Client",
     "ConnectionRejected",
+    "FakeAuthService",
     "GatewayHarness",
     "open_harness",
     "settings_for_tests",
@@ -170,15 +174,16 @@ class GatewayHarness:
         stream = self.open_stream()
         try:
             async with trio.open_nursery() as nursery:
-                ws = await wrap_client_stream(
-                    nursery,
-                    stream,  # type: ignore[arg-type]
-                    "wsgate.test",
-                    path or self.gateway.settings.server.path,
-                    subprotocols=protocols,
-                    extra_headers=extra,
-                    max_message_size=1 << 22,
-                )
+                with trio.fail_after(60):  # a test must never hang on a silent gateway
+                    ws = await wrap_client_stream(
+                        nursery,
+                        stream,  # type: ignore[arg-type]
+                        "wsgate.test",
+                        path or self.gateway.settings.server.path,
+                        subprotocols=protocols,
+                        extra_headers=extra,
+                        max_message_size=1 << 22,
+                    )
                 try:
                     yield Client(ws)
                 finally:
@@ -197,11 +202,14 @@ async def open_harness(
     agent: Agent | None = None,
     secret: bytes = TEST_SECRET,
     epoch: float = TEST_EPOCH,
+    http: httpx.AsyncClient | None = None,
 ) -> AsyncIterator[GatewayHarness]:
     """Run a gateway for the duration of the block (see :func:`settings_for_tests`)."""
     async with (
         trio.open_nursery() as nursery,
-        open_gateway(settings or settings_for_tests(), agent=agent, clock=WallClock(epoch)) as gateway,
+        open_gateway(
+            settings or settings_for_tests(), agent=agent, clock=WallClock(epoch), http=http
+        ) as gateway,
     ):
         yield GatewayHarness(gateway, nursery, secret)
         nursery.cancel_scope.cancel()

@@ -30,6 +30,9 @@ _KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
     "ES": (ec.EllipticCurvePublicKey,),
     "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
 }
+_ASYMMETRIC = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
 # Header parameters that point at keys elsewhere; we never follow them.
 _FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c")
 
@@ -70,6 +73,10 @@ class Identity:
 
 class TokenRejected(Unauthorized):
     """The token failed verification; ``reason`` is short and safe to show."""
+
+
+class UnknownKey(TokenRejected):
+    """The token names a ``kid`` we do not have; a key-set refresh may find it."""
 
 
 @attrs.frozen
@@ -144,10 +151,13 @@ class TokenVerifier:
         required_claims: Iterable[str] = ("exp", "sub"),
         token_types: Iterable[str] = ("JWT", "at+jwt"),
         tenant_claim: str = "tenant",
+        dynamic_keys: bool = False,
     ) -> None:
-        self._keys = tuple(keys)
-        if not self._keys:
+        self._static = tuple(keys)
+        self._dynamic_keys = dynamic_keys
+        if not self._static and not dynamic_keys:
             raise ConfigError(["auth.keys: no verification key configured"])
+        self.set_dynamic_keys(())
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway
@@ -155,7 +165,6 @@ class TokenVerifier:
         self._required = sorted(set(required_claims) | {"exp", "sub"})
         self._types = frozenset(t.lower() for t in token_types)
         self._tenant_claim = tenant_claim
-        self._algorithms = frozenset().union(*(k.algorithms for k in self._keys))
         self._options: Any = {
             "require": self._required,
             "verify_exp": False,  # checked below against the `now` we are given
@@ -164,6 +173,15 @@ class TokenVerifier:
             "verify_aud": audience is not None,
             "verify_iss": issuer is not None,
         }
+
+    def set_dynamic_keys(self, keys: Iterable[VerificationKey]) -> None:
+        """Replace the keys that came from a key set (JWKS); static keys stay."""
+        self._keys = self._static + tuple(keys)
+        self._algorithms: frozenset[str] = frozenset().union(*(k.algorithms for k in self._keys))
+
+    @property
+    def keys(self) -> tuple[VerificationKey, ...]:
+        return self._keys
 
     @classmethod
     def from_settings(cls, settings: AuthSettings, keys: Iterable[VerificationKey]) -> TokenVerifier:
@@ -176,6 +194,7 @@ class TokenVerifier:
             required_claims=settings.required_claims,
             token_types=settings.token_types,
             tenant_claim=settings.tenant_claim,
+            dynamic_keys=bool(settings.jwks_url or settings.discovery),
         )
 
     def verify(self, token: str, now: float, source: TokenSource) -> Identity:
@@ -208,8 +227,6 @@ class TokenVerifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg.lower() == "none":
             raise TokenRejected("algorithm not allowed")
-        if alg not in self._algorithms:
-            raise TokenRejected("algorithm not allowed")
         if "crit" in header:
             raise TokenRejected("unsupported critical header")
         if any(h in header for h in _FORBIDDEN_HEADERS):
@@ -220,6 +237,10 @@ class TokenVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise TokenRejected("malformed token")
+        if alg not in self._algorithms:
+            if self._dynamic_keys and alg in _ASYMMETRIC:
+                raise UnknownKey("no key for this algorithm yet")
+            raise TokenRejected("algorithm not allowed")
         return alg
 
     def _candidates(self, header: Mapping[str, Any], alg: str) -> list[VerificationKey]:
@@ -229,6 +250,8 @@ class TokenVerifier:
             named = [k for k in usable if k.kid == kid]
             if named:
                 return named
+            if self._dynamic_keys and not any(k.kid is None for k in usable):
+                raise UnknownKey("unknown key id")
         return [k for k in usable if k.kid is None] or usable
 
     def _decode(self, token: str, header: Mapping[str, Any], alg: str) -> dict[str, Any]:
@@ -325,6 +348,7 @@ __all__ = [
     "TokenRejected",
     "TokenSource",
     "TokenVerifier",
+    "UnknownKey",
     "VerificationKey",
     "load_keys",
     "mint_token",

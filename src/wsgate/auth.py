@@ -1,0 +1,124 @@
+"""Authentication: the verifier, the auth service and the policy, put together.
+
+:meth:`Authenticator.authenticate` is the one path every token takes, at the
+handshake, for first-message auth and for in-band refresh. It feeds the pure
+:func:`~wsgate.policy.decide` and acts on its verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import Counter
+
+import attrs
+
+from .clock import WallClock
+from .errors import Unauthorized, Unavailable
+from .introspection import IntrospectionClient, ServiceUnavailable, TokenInfo
+from .jwks import KeySetSource
+from .policy import Level, ServiceAnswer, Verdict, Verification, calls_service, decide
+from .tokens import Identity, TokenRejected, TokenSource, TokenVerifier, UnknownKey
+
+log = logging.getLogger("wsgate.auth")
+
+ANONYMOUS_TENANT = "wsgate:anonymous"
+
+
+@attrs.frozen
+class Authenticated:
+    identity: Identity
+    degraded: bool = False
+
+
+class Authenticator:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        level: Level,
+        clock: WallClock,
+        *,
+        introspection: IntrospectionClient | None = None,
+        key_set: KeySetSource | None = None,
+        anonymous_ttl: float = 3600.0,
+    ) -> None:
+        self.verifier = verifier
+        self.level = level
+        self.clock = clock
+        self.introspection = introspection
+        self.key_set = key_set
+        self._anonymous_ttl = anonymous_ttl
+        self.stats: Counter[str] = Counter()
+
+    async def verify(self, token: str, source: TokenSource) -> Identity:
+        """Local verification only (signature and claims), refreshing the key set on a new ``kid``."""
+        if self.key_set is not None and not self.key_set.loaded and not self.verifier.keys:
+            raise Unavailable("signing keys are not loaded yet", retry_after=5)
+        try:
+            return self.verifier.verify(token, self.clock.now(), source)
+        except UnknownKey:
+            if self.key_set is None or not await self.key_set.on_unknown_kid():
+                raise
+        return self.verifier.verify(token, self.clock.now(), source)
+
+    async def ask_service(self, token: str) -> tuple[ServiceAnswer, TokenInfo | None, float]:
+        """The auth service's answer, with a Retry-After hint for when it is unavailable."""
+        if self.introspection is None:
+            return ServiceAnswer.NOT_CALLED, None, 0.0
+        try:
+            info = await self.introspection.introspect(token)
+        except ServiceUnavailable as exc:
+            return ServiceAnswer.UNAVAILABLE, None, exc.retry_after
+        return (ServiceAnswer.ACTIVE if info.active else ServiceAnswer.INACTIVE), info, 0.0
+
+    async def authenticate(self, token: str | None, source: TokenSource | None) -> Authenticated:
+        """Admit or refuse one token; raises the :class:`GatewayError` to answer with."""
+        if token is None or source is None:
+            decision = decide(Verification.NO_TOKEN, ServiceAnswer.NOT_CALLED, self.level)
+            if decision.verdict is Verdict.ADMIT_ANONYMOUS:
+                self.stats["anonymous"] += 1
+                return Authenticated(self._anonymous())
+            raise Unauthorized(decision.reason)
+        try:
+            identity = await self.verify(token, source)
+        except TokenRejected:
+            self.stats["rejected.invalid"] += 1
+            raise
+        answer, info, retry_after = ServiceAnswer.NOT_CALLED, None, 0.0
+        if calls_service(self.level, Verification.VERIFIED):
+            answer, info, retry_after = await self.ask_service(token)
+        decision = decide(Verification.VERIFIED, answer, self.level)
+        self.stats[decision.verdict.value] += 1
+        if decision.verdict is Verdict.REJECT_UNAUTHORIZED:
+            raise Unauthorized(decision.reason)
+        if decision.verdict is Verdict.REJECT_UNAVAILABLE:
+            raise Unavailable(decision.reason, retry_after=max(1.0, retry_after))
+        if info is not None:
+            identity = self._merge(identity, info)
+        return Authenticated(identity, degraded=decision.verdict is Verdict.ADMIT_DEGRADED)
+
+    async def recheck(self, token: str) -> ServiceAnswer:
+        """Ask the service again about a live session's token (bypassing the cache)."""
+        if self.introspection is None:
+            return ServiceAnswer.NOT_CALLED
+        self.introspection.forget(token)
+        answer, _, _ = await self.ask_service(token)
+        return answer
+
+    def _merge(self, identity: Identity, info: TokenInfo) -> Identity:
+        # Never fold two people together: the service must agree on who this is.
+        if info.subject is not None and info.subject != identity.subject:
+            raise Unauthorized("token subject mismatch")
+        if info.expires_at is not None and info.expires_at < identity.expires_at:
+            return attrs.evolve(identity, expires_at=info.expires_at)
+        return identity
+
+    def _anonymous(self) -> Identity:
+        return Identity(
+            subject=f"anon-{secrets.token_hex(16)}",
+            tenant=ANONYMOUS_TENANT,
+            expires_at=self.clock.now() + self._anonymous_ttl,
+            source=TokenSource.ANONYMOUS,
+            scopes=frozenset({"demo"}),
+            anonymous=True,
+        )

@@ -1,0 +1,175 @@
+"""A scriptable auth service for tests: RFC 7662 introspection, JWKS and discovery.
+
+Use it in-process (``httpx_client()``, so ``MockClock`` drives its latency) or
+as a real HTTP server on 127.0.0.1 (``serve``, built on h11). Script it with
+``mode`` (``up``, ``down``, ``error``, ``hang``), ``latency``, a ``script`` of
+modes for the next calls (flapping), and the sets of inactive tokens and
+revoked subjects.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import deque
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import httpx
+import trio
+
+MODES = ("up", "down", "error", "hang")
+
+
+def _claims(token: str) -> dict[str, Any]:
+    """The token's payload, unverified: the fake trusts whatever it is shown."""
+    try:
+        segment = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+class FakeAuthService:
+    def __init__(self, *, issuer: str = "https://issuer.test", base_url: str = "http://auth.test") -> None:
+        self.issuer = issuer
+        self.base_url = base_url
+        self.mode = "up"
+        self.latency = 0.0
+        self.script: deque[str] = deque()
+        self.inactive_tokens: set[str] = set()
+        self.revoked_subjects: set[str] = set()
+        self.jwks: dict[str, Any] = {"keys": []}
+        self.calls = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.cancelled = 0
+        self.jwks_fetches = 0
+        self.seen_authorization: list[str | None] = []
+
+    @property
+    def introspection_url(self) -> str:
+        return f"{self.base_url}/introspect"
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.base_url}/jwks"
+
+    def httpx_client(self) -> httpx.AsyncClient:
+        """An HTTP client whose requests this fake answers in-process."""
+        return httpx.AsyncClient(transport=httpx.MockTransport(self._mock_handler))
+
+    async def _mock_handler(self, request: httpx.Request) -> httpx.Response:
+        answer = await self.respond(
+            request.method, request.url.path, dict(request.headers), await request.aread()
+        )
+        if answer is None:
+            raise httpx.ConnectError("auth service down", request=request)
+        status, body = answer
+        return httpx.Response(status, json=body)
+
+    async def respond(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, Any] | None:
+        """The answer to one request, or None to drop the connection."""
+        if path == "/.well-known/openid-configuration":
+            return 200, {"issuer": self.issuer, "jwks_uri": self.jwks_url}
+        if path == "/jwks":
+            self.jwks_fetches += 1
+            return 200, self.jwks
+        if path != "/introspect" or method != "POST":
+            return 404, {"error": "not_found"}
+        self.calls += 1
+        self.seen_authorization.append(headers.get("authorization"))
+        mode = self.script.popleft() if self.script else self.mode
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if mode == "hang":
+                await trio.sleep_forever()
+            if self.latency:
+                await trio.sleep(self.latency)
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+        if mode == "down":
+            return None
+        if mode == "error":
+            return 503, {"error": "unavailable"}
+        token = parse_qs(body.decode()).get("token", [""])[0]
+        claims = _claims(token)
+        if token in self.inactive_tokens or claims.get("sub") in self.revoked_subjects or not claims:
+            return 200, {"active": False}
+        return 200, {
+            "active": True,
+            "sub": claims.get("sub"),
+            "exp": claims.get("exp"),
+            "scope": claims.get("scope", ""),
+            "token_type": "access_token",
+        }
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve over real HTTP on ``host``; reports the bound port when started."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        self.base_url = f"http://{host}:{bound}"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._serve_connection, listeners)
+            task_status.started(bound)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER)
+        async with stream:
+            while True:
+                request: h11.Request | None = None
+                body = b""
+                while True:
+                    event = connection.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return
+                        connection.receive_data(data)
+                    elif isinstance(event, h11.Request):
+                        request = event
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                    else:
+                        return
+                assert request is not None
+                headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+                answer = await self.respond(
+                    request.method.decode(), urlsplit(request.target.decode()).path, headers, body
+                )
+                if answer is None:
+                    return  # drop the connection: the client sees the service as down
+                status, payload = answer
+                content = json.dumps(payload).encode()
+                await stream.send_all(
+                    connection.send(
+                        h11.Response(
+                            status_code=status,
+                            headers=[
+                                ("content-type", "application/json"),
+                                ("content-length", str(len(content))),
+                            ],
+                        )
+                    )
+                    + connection.send(h11.Data(data=content))
+                    + connection.send(h11.EndOfMessage())
+                )
+                if connection.our_state is h11.MUST_CLOSE:
+                    return
+                connection.start_next_cycle()
