@@ -8,7 +8,7 @@ import pytest
 
 from wsgate.breaker import BreakerConfig, BreakerState, CircuitBreaker, Decision, Outcome
 
-C, O, H = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+C, OP, H = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 ALLOW, REJECT, WAIT = Decision.ALLOW, Decision.REJECT, Decision.WAIT
 OK, FAIL, GONE = Outcome.SUCCESS, Outcome.FAILURE, Outcome.ABANDONED
 CONFIG = BreakerConfig(
@@ -37,15 +37,15 @@ TRIP = calls("f" * 10)
 
 CASES: list[tuple[str, list[tuple[Any, ...]], BreakerState]] = [
     ("fewer than min_calls failures stay closed", calls("f" * 9), C),
-    ("min_calls failures open", calls("f" * 10), O),
-    ("failure rate at the threshold opens", calls("sfsfsfsfsf"), O),
+    ("min_calls failures open", calls("f" * 10), OP),
+    ("failure rate at the threshold opens", calls("sfsfsfsfsf"), OP),
     ("failure rate under the threshold stays closed", calls("ssssssffff"), C),
     ("abandoned calls do not count", calls("x" * 30 + "f" * 9), C),
     ("the window slides: old successes age out", calls("s" * 20 + "f" * 9), C),
-    ("the window slides: 10 of the last 20 failed", calls("s" * 20 + "f" * 10), O),
-    ("slow calls at the slow rate open", calls("w" * 8 + "s" * 2), O),
+    ("the window slides: 10 of the last 20 failed", calls("s" * 20 + "f" * 10), OP),
+    ("slow calls at the slow rate open", calls("w" * 8 + "s" * 2), OP),
     ("slow calls under the slow rate stay closed", calls("w" * 7 + "s" * 3), C),
-    ("open rejects before the wait", [*TRIP, ("allow", 4.99, REJECT)], O),
+    ("open rejects before the wait", [*TRIP, ("allow", 4.99, REJECT)], OP),
     ("open half-opens after the wait", [*TRIP, ("allow", 5.0, ALLOW)], H),
     (
         "half-open permits only its probes",
@@ -60,7 +60,7 @@ CASES: list[tuple[str, list[tuple[Any, ...]], BreakerState]] = [
     (
         "a failed probe re-opens",
         [*TRIP, *[("allow", 5, ALLOW)] * 3, ("record", OK, 0.1, 5.5, H), ("record", FAIL, 0.1, 5.6, H)],
-        O,
+        OP,
     ),
     (
         "re-opened waits again from the failed probe",
@@ -73,7 +73,7 @@ CASES: list[tuple[str, list[tuple[Any, ...]], BreakerState]] = [
         ],
         H,
     ),
-    ("a slow probe re-opens", [*TRIP, ("allow", 5, ALLOW), ("record", OK, 1.5, 6.5, H)], O),
+    ("a slow probe re-opens", [*TRIP, ("allow", 5, ALLOW), ("record", OK, 1.5, 6.5, H)], OP),
     (
         "an abandoned probe frees its permit",
         [
@@ -85,7 +85,7 @@ CASES: list[tuple[str, list[tuple[Any, ...]], BreakerState]] = [
         ],
         H,
     ),
-    ("a late success from closed does not close an open breaker", [*TRIP, ("record", OK, 0.1, 1, C)], O),
+    ("a late success from closed does not close an open breaker", [*TRIP, ("record", OK, 0.1, 1, C)], OP),
     (
         "a late failure from closed does not touch half-open",
         [*TRIP, ("allow", 5, ALLOW), ("record", FAIL, 0.1, 5, C)],
@@ -128,8 +128,8 @@ def test_transitions_are_reported_with_their_time() -> None:
         breaker.allow(1)
         transitions.append(breaker.record(FAIL, 0.1, 1, permitted_in=C))
     assert [t for t in transitions if t] and transitions[-1] is not None
-    assert (transitions[-1].old, transitions[-1].new, transitions[-1].at) == (C, O, 1)
+    assert (transitions[-1].old, transitions[-1].new, transitions[-1].at) == (C, OP, 1)
     assert breaker.retry_after(3) == 3
     _, half = breaker.allow(6)
-    assert half is not None and (half.old, half.new) == (O, H)
+    assert half is not None and (half.old, half.new) == (OP, H)
     assert breaker.retry_after(6) == 0

@@ -193,6 +193,8 @@ class GatewayHarness:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
+        finally:
+            await trio.aclose_forcefully(stream)
 
 
 @asynccontextmanager
