@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,3 +33,68 @@ def ec_key() -> tuple[Any, bytes]:
 @pytest.fixture(scope="session")
 def ed_key() -> tuple[Any, bytes]:
     return _pem(ed25519.Ed25519PrivateKey.generate())
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[str], url: str, cwd: Path) -> None:
+        self.proc = proc
+        self.url = url
+        self.cwd = cwd
+
+    def token(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "wsgate", "token", *args],
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        return out.stdout.strip()
+
+
+def start_server(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+    """Start ``wsgate serve --port 0`` in ``cwd`` and wait for its listening line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsgate", "serve", "--port", "0", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        match = re.search(r"listening on (ws://\S+)", line)
+        if match:
+            return Server(proc, match.group(1), cwd)
+    proc.kill()
+    raise AssertionError("server did not start: " + (proc.stderr.read() if proc.stderr else ""))
+
+
+def stop(server: Server) -> str:
+    server.proc.terminate()
+    try:
+        _, err = server.proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        _, err = server.proc.communicate()
+    return err
+
+
+def start_fake_auth() -> tuple[subprocess.Popen[str], str]:
+    """Start ``python -m wsgate.fakeauth`` on 127.0.0.1; returns the process and its base URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsgate.fakeauth"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"on (http://\S+)", line)
+    if not match:
+        proc.kill()
+        raise AssertionError("fake auth service did not start: " + line)
+    return proc, match.group(1)

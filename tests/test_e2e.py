@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import subprocess
 import sys
 import time
@@ -17,57 +15,9 @@ import jwt
 import pytest
 import websockets
 
+from conftest import Server, start_server, stop
+
 AGENT_EVENTS = ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"]
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen[str], url: str, cwd: Path) -> None:
-        self.proc = proc
-        self.url = url
-        self.cwd = cwd
-
-    def token(self, *args: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "wsgate", "token", *args],
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        )
-        return out.stdout.strip()
-
-
-def start_server(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wsgate", "serve", "--port", "0", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        match = re.search(r"listening on (ws://\S+)", line)
-        if match:
-            return Server(proc, match.group(1), cwd)
-    proc.kill()
-    raise AssertionError("server did not start: " + (proc.stderr.read() if proc.stderr else ""))
-
-
-def stop(server: Server) -> str:
-    server.proc.terminate()
-    try:
-        _, err = server.proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        _, err = server.proc.communicate()
-    return err
 
 
 @pytest.fixture(scope="module")

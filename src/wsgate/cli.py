@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port to listen on (default 8765)")
     s.add_argument("--dev", action="store_true", default=None, help="force dev mode")
     s.add_argument("--app", choices=["demo", "echo", "noop"], help="built-in agent (default demo)")
+    s.add_argument("--policy", choices=["strict", "tolerant", "local", "demo"], help="admission policy")
+    s.add_argument("--introspection-url", help="RFC 7662 introspection endpoint of the auth service")
+    s.add_argument("--jwks-url", help="JWKS URL to take verification keys from")
     s.add_argument("--log-format", choices=["text", "json"], help="log format (default text)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -78,6 +81,9 @@ def _serve(args: argparse.Namespace) -> int:
             "server.port": args.port,
             "dev.enabled": args.dev,
             "agent.name": args.app,
+            "auth.policy": args.policy,
+            "auth.introspection_url": args.introspection_url,
+            "auth.jwks_url": args.jwks_url,
             "log.format": args.log_format,
             "log.level": args.log_level,
         },

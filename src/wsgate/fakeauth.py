@@ -10,6 +10,7 @@ revoked subjects.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections import deque
 from typing import Any
@@ -74,6 +75,8 @@ class FakeAuthService:
         self, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, Any] | None:
         """The answer to one request, or None to drop the connection."""
+        if path == "/_control":
+            return self._control(method, body)
         if path == "/.well-known/openid-configuration":
             return 200, {"issuer": self.issuer, "jwks_uri": self.jwks_url}
         if path == "/jwks":
@@ -110,6 +113,26 @@ class FakeAuthService:
             "exp": claims.get("exp"),
             "scope": claims.get("scope", ""),
             "token_type": "access_token",
+        }
+
+    def _control(self, method: str, body: bytes) -> tuple[int, Any]:
+        """Script the fake over HTTP (for a fake running in another process)."""
+        if method == "POST":
+            try:
+                change = json.loads(body or b"{}")
+                if change.get("mode", self.mode) not in MODES:
+                    raise ValueError("unknown mode")
+                self.mode = change.get("mode", self.mode)
+                self.latency = float(change.get("latency", self.latency))
+                self.inactive_tokens.update(change.get("inactive_tokens", []))
+                self.revoked_subjects.update(change.get("revoked_subjects", []))
+            except (ValueError, TypeError, AttributeError) as exc:
+                return 400, {"error": str(exc)}
+        return 200, {
+            "mode": self.mode,
+            "latency": self.latency,
+            "calls": self.calls,
+            "cancelled": self.cancelled,
         }
 
     async def serve(
@@ -173,3 +196,26 @@ class FakeAuthService:
                 if connection.our_state is h11.MUST_CLOSE:
                     return
                 connection.start_next_cycle()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m wsgate.fakeauth [--port N]``: serve the fake on 127.0.0.1 until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A scriptable fake auth service (tests only).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    fake = FakeAuthService()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(fake.serve, args.host, args.port)
+            print(f"fake auth service on http://{args.host}:{port}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(run)
+
+
+if __name__ == "__main__":
+    main()
