@@ -14,7 +14,7 @@ from collections import Counter
 import attrs
 
 from .clock import WallClock
-from .errors import Unauthorized, Unavailable
+from .errors import Forbidden, Unauthorized, Unavailable
 from .introspection import IntrospectionClient, ServiceUnavailable, TokenInfo
 from .jwks import KeySetSource
 from .policy import Level, ServiceAnswer, Verdict, Verification, calls_service, decide
@@ -29,6 +29,37 @@ ANONYMOUS_TENANT = "wsgate:anonymous"
 class Authenticated:
     identity: Identity
     degraded: bool = False
+
+
+class Revocations:
+    """Tokens (by ``jti``) and subjects revoked by the operator, until they can no longer matter."""
+
+    def __init__(self, subject_ttl: float = 86400.0) -> None:
+        self._jti: dict[str, float] = {}
+        self._subjects: dict[tuple[str | None, str], float] = {}
+        self._subject_ttl = subject_ttl
+
+    def revoke_token(self, jti: str, until: float) -> None:
+        self._jti[jti] = max(until, self._jti.get(jti, until))
+
+    def revoke_subject(self, key: tuple[str | None, str], now: float) -> None:
+        self._subjects[key] = now
+
+    def is_revoked(self, identity: Identity, now: float) -> bool:
+        self._expire(now)
+        if identity.token_id is not None and identity.token_id in self._jti:
+            return True
+        revoked_at = self._subjects.get(identity.user_key)
+        if revoked_at is None:
+            return False
+        # Tokens issued after the revocation are new credentials; older (or undated) ones are not.
+        return identity.issued_at is None or identity.issued_at <= revoked_at
+
+    def _expire(self, now: float) -> None:
+        for jti in [j for j, until in self._jti.items() if until < now]:
+            del self._jti[jti]
+        for key in [k for k, at in self._subjects.items() if at + self._subject_ttl < now]:
+            del self._subjects[key]
 
 
 class Authenticator:
@@ -48,6 +79,7 @@ class Authenticator:
         self.introspection = introspection
         self.key_set = key_set
         self._anonymous_ttl = anonymous_ttl
+        self.revocations = Revocations()
         self.stats: Counter[str] = Counter()
 
     async def verify(self, token: str, source: TokenSource) -> Identity:
@@ -84,6 +116,9 @@ class Authenticator:
         except TokenRejected:
             self.stats["rejected.invalid"] += 1
             raise
+        if self.revocations.is_revoked(identity, self.clock.now()):
+            self.stats["rejected.revoked"] += 1
+            raise Forbidden("token revoked")
         answer, info, retry_after = ServiceAnswer.NOT_CALLED, None, 0.0
         if calls_service(self.level, Verification.VERIFIED):
             answer, info, retry_after = await self.ask_service(token)

@@ -18,3 +18,7 @@ class WallClock:
 
     def now(self) -> float:
         return self._offset + trio.current_time()
+
+    def to_trio(self, wall: float) -> float:
+        """The Trio time at which the wall clock will read ``wall``."""
+        return wall - self._offset

@@ -113,6 +113,13 @@ class AuthSettings:
     jwks_refresh_interval: float = attrs.field(default=300.0, validator=_positive())
     jwks_min_refetch_interval: float = attrs.field(default=30.0, validator=_positive())
     anonymous_ttl: float = attrs.field(default=3600.0, validator=_positive())
+    refresh_ahead: float | None = attrs.field(default=None, validator=_between(0, 3600))
+    expiry_grace: float = attrs.field(default=0.0, validator=_between(0, 300))
+    revalidate_interval: float = attrs.field(default=300.0, validator=_between(1, 86400))
+    refresh_limit: int = attrs.field(default=10, validator=_between(1, 10000))
+    refresh_window: float = attrs.field(default=60.0, validator=_positive())
+    first_message: bool = False
+    first_message_timeout: float = attrs.field(default=5.0, validator=_between(0.1, 300))
 
 
 @attrs.frozen
@@ -207,7 +214,7 @@ class Settings:
             found.append("breaker.min_calls: must not exceed breaker.window")
         if self.auth.hmac_secret is not None and len(self.auth.hmac_secret.encode()) < 32:
             found.append("auth.hmac_secret: must be at least 32 bytes")
-        if not (self.auth.header or self.auth.subprotocol):
+        if not (self.auth.header or self.auth.subprotocol or self.auth.first_message):
             found.append("auth.header: at least one token source must be enabled")
         for i, key in enumerate(self.auth.keys):
             found.extend(f"auth.keys[{i}].{p}" for p in _key_problems(key))

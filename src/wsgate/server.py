@@ -6,8 +6,8 @@ same code runs behind the TCP listener and over in-memory streams in tests.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import secrets
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 import httpx
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from .agent import Agent, builtin_agent
 from .auth import Authenticator
@@ -26,15 +26,18 @@ from .breaker_actor import BreakerActor
 from .clock import WallClock
 from .config import Settings
 from .devkey import load_dev_secret
-from .errors import CloseCode, GatewayError, NotFound, Unauthorized
+from .errors import CloseCode, GatewayError, NotFound
+from .handshake import Admission, Pending, reject_headers
 from .introspection import IntrospectionClient
 from .jwks import KeySetSource
+from .lifecycle import LifecycleConfig, TokenLifecycle
 from .policy import Level, ServiceAnswer
+from .protocol import Auth, ProtocolError, encode, parse_client_message
 from .registry import Lease, Registry
 from .session import Session
 from .sources import extract_credentials
 from .streams import GuardedStream
-from .tokens import Identity, TokenVerifier, load_keys, mint_token
+from .tokens import TokenSource, TokenVerifier, load_keys, mint_token
 
 __all__ = ["Admission", "Gateway", "WallClock", "open_gateway", "serve"]
 
@@ -42,26 +45,12 @@ log = logging.getLogger("wsgate.server")
 
 
 @attrs.frozen
-class Admission:
-    """The outcome of a successful handshake check."""
+class _Opened:
+    """An upgraded connection; admission and lease are None until first-message auth."""
 
-    identity: Identity
-    subprotocol: str | None
-    degraded: bool = False
-    #: Kept (in memory only) when the session may have to be re-checked with the auth service.
-    token: str | None = attrs.field(default=None, repr=False)
-
-
-def _reject_headers(error: GatewayError) -> list[tuple[bytes, bytes]]:
-    headers = [
-        (b"Content-Type", b"text/plain; charset=utf-8"),
-        (b"Cache-Control", b"no-store"),
-    ]
-    if isinstance(error, Unauthorized):
-        headers.append((b"WWW-Authenticate", b'Bearer error="invalid_token"'))
-    if error.retry_after is not None:
-        headers.append((b"Retry-After", str(max(1, math.ceil(error.retry_after))).encode()))
-    return headers
+    ws: WebSocketConnection
+    admission: Admission | None
+    lease: Lease | None
 
 
 class Gateway:
@@ -200,51 +189,41 @@ class Gateway:
 
     async def _serve_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
         server = self.settings.server
-        lease: Lease | None = None
-        session: Session | None = None
         guarded = GuardedStream(stream)
+        opened: _Opened | None = None
         with trio.move_on_after(server.handshake_timeout) as deadline:
             request = await wrap_server_stream(
                 nursery, guarded, message_queue_size=4, max_message_size=server.max_message_bytes
             )
-            try:
-                admission = await self._admit_unless_gone(request, guarded)
-                if admission is None:
-                    self.stats["handshake.abandoned"] += 1
-                    return
-                lease = self.registry.lease(admission.identity.user_key)
-            except GatewayError as error:
-                self.stats[f"handshake.{error.status}"] += 1
-                log.info(
-                    "handshake refused",
-                    extra={"event": "handshake.refused", "status": error.status, "reason": error.reason},
-                )
-                await request.reject(
-                    error.status, extra_headers=_reject_headers(error), body=error.reason.encode() + b"\n"
-                )
-                return
-            try:
-                ws = await request.accept(subprotocol=admission.subprotocol)
-            except BaseException:
-                lease.release()
-                raise
-            session = self.new_session(ws, admission)
-            lease.attach(session)
+            opened = await self._open(request, guarded)
         if deadline.cancelled_caught:
-            if lease is not None:
-                lease.release()
+            if opened is not None and opened.lease is not None:
+                opened.lease.release()
             self.stats["handshake.timeout"] += 1
             log.info("handshake timed out", extra={"event": "handshake.timeout"})
             return
-        assert session is not None and lease is not None
+        if opened is None:
+            return
+        admission, lease = opened.admission, opened.lease
+        if admission is None or lease is None:
+            admitted = await self._first_message(opened.ws)
+            if admitted is None:
+                return
+            admission, lease = admitted
         self.stats["handshake.admitted"] += 1
+        session = self.new_session(opened.ws, admission)
+        lease.attach(session)
         log.info(
             "session opened",
             extra={
                 "event": "session.opened",
                 "session": session.id,
                 "subject": session.identity.subject_hash,
-                "outcome": "degraded" if session.degraded else "normal",
+                "outcome": "degraded"
+                if session.degraded
+                else "anonymous"
+                if session.identity.anonymous
+                else "normal",
             },
         )
         try:
@@ -254,22 +233,160 @@ class Gateway:
             if session.close_code is not None:
                 self.stats[f"close.{int(session.close_code)}"] += 1
 
+    async def _open(self, request: WebSocketRequest, stream: GuardedStream) -> _Opened | None:
+        """Admit and upgrade, or refuse with the HTTP status; None when refused or abandoned."""
+        lease: Lease | None = None
+        try:
+            admission = await self._admit_unless_gone(request, stream)
+            if admission is None:
+                self.stats["handshake.abandoned"] += 1
+                return None
+            if isinstance(admission, Admission):
+                lease = self.registry.lease(admission.identity.user_key)
+        except GatewayError as error:
+            self.stats[f"handshake.{error.status}"] += 1
+            log.info(
+                "handshake refused",
+                extra={"event": "handshake.refused", "status": error.status, "reason": error.reason},
+            )
+            await request.reject(
+                error.status, extra_headers=reject_headers(error), body=error.reason.encode() + b"\n"
+            )
+            return None
+        try:
+            ws = await request.accept(subprotocol=admission.subprotocol)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        if isinstance(admission, Pending):
+            return _Opened(ws, None, None)
+        return _Opened(ws, admission, lease)
+
+    async def _first_message(self, ws: WebSocketConnection) -> tuple[Admission, Lease] | None:
+        """First-message auth: the only message allowed is ``auth``, within the timeout."""
+        auth = self.settings.auth
+        try:
+            with trio.fail_after(auth.first_message_timeout):
+                raw = await ws.get_message()
+        except trio.TooSlowError:
+            await self._refuse_open(
+                ws, CloseCode.AUTH_TIMEOUT, "no auth message in time", "first_message.timeout"
+            )
+            return None
+        except ConnectionClosed:
+            return None
+        try:
+            message = parse_client_message(raw, max_depth=self.settings.server.max_json_depth)
+        except ProtocolError:
+            message = None
+        if not isinstance(message, Auth):
+            await self._refuse_open(
+                ws, CloseCode.UNAUTHORIZED, "the first message must be auth", "first_message.401"
+            )
+            return None
+        try:
+            with trio.fail_after(auth.deadline + 1):
+                result = await self.auth.authenticate(message.token, TokenSource.FIRST_MESSAGE)
+            admission = Admission(
+                result.identity, ws.subprotocol, result.degraded, token=self._kept(message.token)
+            )
+            lease = self.registry.lease(result.identity.user_key)
+        except GatewayError as error:
+            await self._refuse_open(ws, error.close_code, error.reason, f"first_message.{error.status}")
+            return None
+        except trio.TooSlowError:
+            await self._refuse_open(
+                ws, CloseCode.TRY_AGAIN_LATER, "authentication timed out", "first_message.503"
+            )
+            return None
+        return admission, lease
+
+    async def _refuse_open(self, ws: WebSocketConnection, code: CloseCode, reason: str, stat: str) -> None:
+        self.stats[stat] += 1
+        log.info(
+            "first-message auth refused",
+            extra={"event": "handshake.refused", "code": int(code), "reason": reason},
+        )
+        with trio.move_on_after(self.settings.server.close_timeout) as cleanup:
+            cleanup.shield = True
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send_message(
+                    encode({"type": "error", "code": "auth_failed", "message": reason, "seq": 1})
+                )
+            await ws.aclose(int(code), reason)
+
+    def _kept(self, token: str) -> str | None:
+        return token if self.auth.introspection is not None else None
+
     def new_session(self, ws: WebSocketConnection, admission: Admission) -> Session:
+        identity = admission.identity
+        auth = self.settings.auth
+        lifecycle = TokenLifecycle(
+            LifecycleConfig(
+                refresh_ahead=auth.refresh_ahead,
+                grace=auth.expiry_grace,
+                revalidate_interval=auth.revalidate_interval if admission.token is not None else None,
+            ),
+            identity.expires_at,
+            identity.issued_at,
+            self.clock.now(),
+        )
         return Session(
             f"s-{secrets.token_hex(6)}",
             ws,
-            admission.identity,
+            identity,
             self.agent,
             self.settings.server,
+            hooks=self,
+            lifecycle=lifecycle,
             degraded=admission.degraded,
             token=admission.token,
+            refresh_limit=(auth.refresh_limit, auth.refresh_window),
         )
+
+    # -- session hooks --------------------------------------------------------
+
+    def wall_now(self) -> float:
+        return self.clock.now()
+
+    def trio_time(self, wall: float) -> float:
+        return self.clock.to_trio(wall)
+
+    async def refresh(self, token: str) -> Admission:
+        result = await self.auth.authenticate(token, TokenSource.REFRESH)
+        return Admission(result.identity, None, result.degraded, token=self._kept(token))
+
+    # -- operator API -----------------------------------------------------------
+
+    def revoke(self, *, jti: str | None = None, subject: str | None = None, tenant: str | None = None) -> int:
+        """Revoke a token (by ``jti``) or everything of a subject; close affected connections.
+
+        Returns how many connections were closed; later handshakes with a revoked token are
+        refused (403).
+        """
+        if (jti is None) == (subject is None):
+            raise ValueError("revoke exactly one of jti or subject")
+        now = self.clock.now()
+        if subject is not None:
+            self.auth.revocations.revoke_subject((tenant, subject), now)
+            affected = self.registry.sessions_of((tenant, subject))
+        else:
+            affected = [s for s in self.registry.all_sessions() if s.identity.token_id == jti]
+            until = max((s.identity.expires_at for s in affected), default=now + 86400)
+            self.auth.revocations.revoke_token(str(jti), until)
+        for session in affected:
+            session.revoke()
+        self.stats["revoked"] += len(affected)
+        return len(affected)
 
     # -- admission ----------------------------------------------------------
 
-    async def _admit_unless_gone(self, request: WebSocketRequest, stream: GuardedStream) -> Admission | None:
+    async def _admit_unless_gone(
+        self, request: WebSocketRequest, stream: GuardedStream
+    ) -> Admission | Pending | None:
         """Admission, cancelled (returning None) if the client leaves meanwhile."""
-        admission: Admission | None = None
+        admission: Admission | Pending | None = None
         refusal: GatewayError | None = None
         async with trio.open_nursery() as nursery:
 
@@ -287,7 +404,7 @@ class Gateway:
             raise refusal
         return admission
 
-    async def admit(self, request: WebSocketRequest) -> Admission:
+    async def admit(self, request: WebSocketRequest) -> Admission | Pending:
         """Decide on one upgrade request, or raise the :class:`GatewayError` to answer with."""
         if urlsplit(request.path).path != self.settings.server.path:
             raise NotFound("no WebSocket endpoint at this path")
@@ -297,9 +414,15 @@ class Gateway:
             header=self.settings.auth.header,
             subprotocol=self.settings.auth.subprotocol,
         )
+        if credentials.token is None and self.settings.auth.first_message:
+            return Pending(credentials.subprotocol)
         result = await self.auth.authenticate(credentials.token, credentials.source)
-        keep = credentials.token if self.auth.introspection is not None else None
-        return Admission(result.identity, credentials.subprotocol, degraded=result.degraded, token=keep)
+        return Admission(
+            result.identity,
+            credentials.subprotocol,
+            result.degraded,
+            token=self._kept(credentials.token or ""),
+        )
 
     def mint_dev_token(self, subject: str, ttl: float = 900.0, scopes: tuple[str, ...] = ()) -> str:
         """A token the running dev-mode gateway accepts."""

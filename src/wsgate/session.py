@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
+from collections import deque
+from typing import Any, Protocol
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .agent import Agent, RunContext
 from .config import ServerSettings
-from .errors import CloseCode
+from .errors import CloseCode, GatewayError
+from .handshake import Admission
+from .lifecycle import Action, TokenLifecycle
 from .protocol import (
     AGENT_EVENTS,
     PROTOCOL_VERSION,
@@ -38,6 +41,18 @@ log = logging.getLogger("wsgate.session")
 MAX_PROTOCOL_ERRORS = 20
 
 
+class SessionHooks(Protocol):
+    """What a session needs from its gateway (the gateway implements it)."""
+
+    def wall_now(self) -> float: ...
+
+    def trio_time(self, wall: float) -> float: ...
+
+    async def refresh(self, token: str) -> Admission: ...
+
+    async def recheck(self, session: Session) -> None: ...
+
+
 class Session:
     """Serves one authenticated WebSocket until it closes."""
 
@@ -49,11 +64,20 @@ class Session:
         agent: Agent,
         settings: ServerSettings,
         *,
+        hooks: SessionHooks,
+        lifecycle: TokenLifecycle,
         degraded: bool = False,
         token: str | None = None,
+        refresh_limit: tuple[int, float] = (10, 60.0),
     ) -> None:
         self.id = session_id
         self._token = token
+        self._hooks = hooks
+        self.lifecycle = lifecycle
+        self._wake = trio.CancelScope()
+        self._refresh_lock = trio.StrictFIFOLock()
+        self._refresh_limit = refresh_limit
+        self._refresh_times: deque[float] = deque()
         self.ws = ws
         self.identity = identity
         self.degraded = degraded
@@ -107,6 +131,7 @@ class Session:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
                     await self.send(self._ready_message())
+                    nursery.start_soon(self._watchdog, nursery)
                     nursery.start_soon(self._reader, nursery)
         except Exception:
             log.exception("session failed", extra={"session": self.id, "event": "session.error"})
@@ -181,13 +206,76 @@ class Session:
             else:
                 scope.cancel()
         elif isinstance(message, AuthRefresh):
-            await self.on_refresh(message.token)
+            if self._refresh_rate_exceeded():
+                self.close(CloseCode.RATE_LIMITED, "too many token refreshes")
+                return
+            nursery.start_soon(self._refresh, message.token)
         elif isinstance(message, Auth):
             await self.send_error("already_authenticated", "this connection is already authenticated")
 
-    async def on_refresh(self, token: str) -> None:
-        """In-band refresh; the gateway's sessions override this (see issue #4)."""
-        await self.send_error("unsupported", "in-band refresh is not enabled")
+    def _refresh_rate_exceeded(self) -> bool:
+        limit, window = self._refresh_limit
+        now = trio.current_time()
+        while self._refresh_times and self._refresh_times[0] <= now - window:
+            self._refresh_times.popleft()
+        self._refresh_times.append(now)
+        return len(self._refresh_times) > limit
+
+    async def _refresh(self, token: str) -> None:
+        """In-band refresh: one at a time, in arrival order, by the gateway's one auth path."""
+        async with self._refresh_lock:
+            try:
+                result = await self._hooks.refresh(token)
+            except GatewayError as exc:
+                # The old token still holds until it expires.
+                await self.send_error("refresh_rejected", exc.reason)
+                return
+            if result.identity.user_key != self.identity.user_key:
+                self.close(CloseCode.FORBIDDEN, "refresh with another subject")
+                return
+            if not self.lifecycle.accepts_refresh(self._hooks.wall_now()):
+                self.close(CloseCode.UNAUTHORIZED, "token expired before the refresh was decided")
+                return
+            self.identity = result.identity
+            self.degraded = result.degraded
+            self._token = result.token
+            self.lifecycle.on_refresh(
+                result.identity.expires_at, result.identity.issued_at, self._hooks.wall_now()
+            )
+            self._wake.deadline = self._hooks.trio_time(self.lifecycle.next_deadline())
+            await self.send(
+                {
+                    "type": "auth.refreshed",
+                    "expires_at": result.identity.expires_at,
+                    "degraded": result.degraded,
+                }
+            )
+
+    async def _watchdog(self, nursery: trio.Nursery) -> None:
+        """Sleep until the lifecycle's next deadline (moved by refreshes), then act on it."""
+        while True:
+            self._wake = trio.CancelScope(deadline=self._hooks.trio_time(self.lifecycle.next_deadline()))
+            with self._wake:
+                await trio.sleep_forever()
+            for action in self.lifecycle.due(self._hooks.wall_now()):
+                if action is Action.EXPIRE:
+                    self.close(CloseCode.UNAUTHORIZED, "token expired")
+                    return
+                if action is Action.WARN:
+                    expires_at = self.lifecycle.expires_at
+                    await self.send(
+                        {
+                            "type": "auth.expiring",
+                            "expires_at": expires_at,
+                            "expires_in": max(0.0, round(expires_at - self._hooks.wall_now(), 3)),
+                        }
+                    )
+                elif action is Action.REVALIDATE and self._token is not None:
+                    nursery.start_soon(self._hooks.recheck, self)
+
+    def revoke(self) -> None:
+        """Close this session because its token or subject was revoked."""
+        self.close(CloseCode.FORBIDDEN, "token revoked")
 
     async def send_error(self, code: str, reason: str) -> None:
         await self.send({"type": "error", "code": code, "message": reason})
