@@ -190,7 +190,11 @@ class GatewayHarness:
                     with trio.move_on_after(5) as cleanup:
                         cleanup.shield = True
                         await ws.aclose()
-                    nursery.cancel_scope.cancel()
+                    # Let the reader finish the close handshake (another task may be
+                    # closing too), but never wait long for it.
+                    nursery.cancel_scope.deadline = min(
+                        nursery.cancel_scope.deadline, trio.current_time() + 5
+                    )
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
         finally:
