@@ -100,7 +100,10 @@ class TrioThread:
         trio.from_thread.run_sync(self._nursery.start_soon, fn, trio_token=self._token)
 
     def advance(self, seconds: float) -> None:
-        self.run_with_time(lambda: trio.sleep(seconds))
+        async def sleep() -> None:
+            await trio.sleep(seconds)
+
+        self.run_with_time(sleep)
 
     def run_with_time(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Like :meth:`run`, letting time pass (deadline by deadline, in order) meanwhile."""
