@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import websockets
+from websockets.typing import Subprotocol
 
 from conftest import Server, start_server, stop
 from wsgate.tokens import mint_token
@@ -58,7 +59,7 @@ def test_short_token_expiring_refreshed_in_band_then_4401(dev: DevServer) -> Non
         async with websockets.connect(dev.server.url, additional_headers=headers) as ws:
             ready = await recv(ws)
             await ws.send(json.dumps({"type": "user_message", "text": "before"}))
-            seen = []
+            seen: list[dict[str, Any]] = []
             while not seen or seen[-1]["type"] != "auth.expiring":
                 seen.append(await recv(ws))
             assert seen[-1]["expires_at"] == ready["expires_at"]
@@ -92,7 +93,7 @@ def test_refresh_with_another_subject_is_closed_4403(dev: DevServer) -> None:
 
 def test_first_message_auth_and_its_timeout(dev: DevServer) -> None:
     async def authenticated() -> list[str]:
-        async with websockets.connect(dev.server.url, subprotocols=["wsgate.v1"]) as ws:
+        async with websockets.connect(dev.server.url, subprotocols=[Subprotocol("wsgate.v1")]) as ws:
             await ws.send(json.dumps({"type": "auth", "token": dev.token("carol", ttl=60)}))
             ready = await recv(ws)
             assert ready["subject"] == "carol"
