@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import trio
@@ -21,6 +23,7 @@ from .server import Gateway, serve
 from .tokens import mint_token
 
 BANNER = "=" * 72
+log = logging.getLogger("wsgate.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", choices=["strict", "tolerant", "local", "demo"], help="admission policy")
     s.add_argument("--introspection-url", help="RFC 7662 introspection endpoint of the auth service")
     s.add_argument("--jwks-url", help="JWKS URL to take verification keys from")
+    s.add_argument("--admin-port", type=int, help="port of the admin listener (needs admin.api_key)")
     s.add_argument("--log-format", choices=["text", "json"], help="log format (default text)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -84,6 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
             "auth.policy": args.policy,
             "auth.introspection_url": args.introspection_url,
             "auth.jwks_url": args.jwks_url,
+            "admin.port": args.admin_port,
             "log.format": args.log_format,
             "log.level": args.log_level,
         },
@@ -95,9 +100,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run_server(settings: Settings) -> None:
-    async with trio.open_nursery() as nursery:
-        gateway: Gateway = await nursery.start(serve, settings)
-        _print_banner(gateway)
+    """Serve until SIGTERM or SIGINT, then drain and return (exit status 0)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            gateway: Gateway = await nursery.start(serve, settings)
+            _print_banner(gateway)
+            async for signum in signals:
+                log.warning("%s received: draining", signal.Signals(signum).name)
+                break
+            with trio.CancelScope() as drain_scope:
+                nursery.start_soon(_second_signal_stops, signals, drain_scope)
+                await gateway.drain()
+            nursery.cancel_scope.cancel()
+
+
+async def _second_signal_stops(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        log.warning("second signal: stopping without waiting for the drain")
+        scope.cancel()
+        return
 
 
 def _print_banner(gateway: Gateway) -> None:
@@ -121,6 +142,8 @@ def _print_banner(gateway: Gateway) -> None:
         ]
     else:
         lines.append(f"wsgate listening on {url}")
+    if gateway.admin_port is not None:
+        lines.append(f"admin listener on http://{settings.admin.host}:{gateway.admin_port}")
     print("\n".join(lines), flush=True)
 
 

@@ -61,10 +61,18 @@ class ServerSettings:
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive())
     max_message_bytes: int = attrs.field(default=65536, validator=_between(128, 16 * 1024 * 1024))
     send_queue_messages: int = attrs.field(default=256, validator=_positive())
+    send_queue_bytes: int = attrs.field(default=1024 * 1024, validator=_between(1024, 1024**3))
     slow_consumer_timeout: float = attrs.field(default=10.0, validator=_positive())
     max_runs_per_session: int = attrs.field(default=4, validator=_positive())
     max_json_depth: int = attrs.field(default=16, validator=_between(2, 256))
     close_timeout: float = attrs.field(default=5.0, validator=_positive())
+    heartbeat_interval: float = attrs.field(default=20.0, validator=_non_negative())
+    heartbeat_timeout: float = attrs.field(default=20.0, validator=_positive())
+    idle_timeout: float = attrs.field(default=0.0, validator=_non_negative())
+    handshake_rate: float = attrs.field(default=20.0, validator=_positive())
+    handshake_burst: int = attrs.field(default=40, validator=_positive())
+    drain_timeout: float = attrs.field(default=30.0, validator=_positive())
+    drain_reconnect_jitter: float = attrs.field(default=5.0, validator=_non_negative())
     max_connections: int = attrs.field(default=10000, validator=_positive())
     max_connections_per_user: int = attrs.field(default=10, validator=_positive())
 
@@ -137,6 +145,15 @@ class BreakerSettings:
 
 
 @attrs.frozen
+class AdminSettings:
+    """The admin listener (server push, revocation, health); off unless a port is set."""
+
+    host: str = "127.0.0.1"
+    port: int | None = attrs.field(default=None, validator=_between(0, 65535))
+    api_key: str | None = attrs.field(default=None, metadata=SECRET, repr=False)
+
+
+@attrs.frozen
 class DevSettings:
     """Dev mode: on when asked for, or when no key is configured outside production."""
 
@@ -164,6 +181,7 @@ class Settings:
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
     breaker: BreakerSettings = BreakerSettings()
+    admin: AdminSettings = AdminSettings()
     dev: DevSettings = DevSettings()
     agent: AgentSettings = AgentSettings()
     log: LogSettings = LogSettings()
@@ -210,6 +228,10 @@ class Settings:
                 found.append(f"auth.{name}: must be an http:// or https:// URL")
         if auth.discovery and auth.issuer and not auth.issuer.startswith(("http://", "https://")):
             found.append("auth.issuer: must be an http:// or https:// URL for discovery")
+        if self.admin.port is not None and not self.admin.api_key:
+            found.append("admin.api_key: needed when admin.port is set")
+        if self.admin.api_key is not None and len(self.admin.api_key) < 16:
+            found.append("admin.api_key: must be at least 16 characters")
         if self.breaker.min_calls > self.breaker.window:
             found.append("breaker.min_calls: must not exceed breaker.window")
         if self.auth.hmac_secret is not None and len(self.auth.hmac_secret.encode()) < 32:

@@ -16,9 +16,10 @@ from collections import deque
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import h11
 import httpx
 import trio
+
+from .httpserver import Request, Response, serve_http
 
 MODES = ("up", "down", "error", "hang")
 
@@ -143,59 +144,20 @@ class FakeAuthService:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve over real HTTP on ``host``; reports the bound port when started."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound = listeners[0].socket.getsockname()[1]
-        self.base_url = f"http://{host}:{bound}"
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._serve_connection, listeners)
-            task_status.started(bound)
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        connection = h11.Connection(h11.SERVER)
-        async with stream:
-            while True:
-                request: h11.Request | None = None
-                body = b""
-                while True:
-                    event = connection.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await stream.receive_some(65536)
-                        if not data:
-                            return
-                        connection.receive_data(data)
-                    elif isinstance(event, h11.Request):
-                        request = event
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                    else:
-                        return
-                assert request is not None
-                headers = {k.decode().lower(): v.decode() for k, v in request.headers}
-                answer = await self.respond(
-                    request.method.decode(), urlsplit(request.target.decode()).path, headers, body
-                )
-                if answer is None:
-                    return  # drop the connection: the client sees the service as down
-                status, payload = answer
-                content = json.dumps(payload).encode()
-                await stream.send_all(
-                    connection.send(
-                        h11.Response(
-                            status_code=status,
-                            headers=[
-                                ("content-type", "application/json"),
-                                ("content-length", str(len(content))),
-                            ],
-                        )
-                    )
-                    + connection.send(h11.Data(data=content))
-                    + connection.send(h11.EndOfMessage())
-                )
-                if connection.our_state is h11.MUST_CLOSE:
-                    return
-                connection.start_next_cycle()
+        async def handle(request: Request) -> Response | None:
+            answer = await self.respond(
+                request.method, urlsplit(request.target).path, request.headers, request.body
+            )
+            if answer is None:
+                return None  # drop the connection: the client sees the service as down
+            status, payload = answer
+            return Response(status, json.dumps(payload).encode())
+
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(serve_http, handle, host, port)
+            self.base_url = f"http://{host}:{bound}"
+            task_status.started(bound)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ AGENT_EVENTS = frozenset(
 )
 SERVER_TYPES = AGENT_EVENTS | {
     "session.ready",
+    "session.draining",
     "auth.expiring",
     "auth.refreshed",
     "pong",

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import trio
+
 from .errors import TooManyRequests
 
 if TYPE_CHECKING:
@@ -55,6 +57,8 @@ class Registry:
         self._per_user = per_user
         self._total = total
         self._leases = 0
+        self._empty = trio.Event()
+        self._empty.set()
 
     def __len__(self) -> int:
         """Connections admitted and not yet released."""
@@ -75,6 +79,8 @@ class Registry:
             hub = self._hubs[key] = Hub(key)
         hub.leases += 1
         self._leases += 1
+        if self._empty.is_set():
+            self._empty = trio.Event()
         return Lease(self, hub)
 
     def _release(self, hub: Hub) -> None:
@@ -82,6 +88,12 @@ class Registry:
         self._leases -= 1
         if hub.leases == 0:
             del self._hubs[hub.key]
+        if self._leases == 0:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        """Return once no connection holds a lease."""
+        await self._empty.wait()
 
     def sessions_of(self, key: UserKey) -> list[Session]:
         hub = self._hubs.get(key)

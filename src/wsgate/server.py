@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import secrets
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -19,6 +21,7 @@ import httpx
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
+from .admin import AdminApp
 from .agent import Agent, builtin_agent
 from .auth import Authenticator
 from .breaker import BreakerConfig, CircuitBreaker
@@ -26,13 +29,15 @@ from .breaker_actor import BreakerActor
 from .clock import WallClock
 from .config import Settings
 from .devkey import load_dev_secret
-from .errors import CloseCode, GatewayError, NotFound
+from .errors import CloseCode, GatewayError, NotFound, TooManyRequests, Unavailable
 from .handshake import Admission, Pending, reject_headers
+from .httpserver import serve_http
 from .introspection import IntrospectionClient
 from .jwks import KeySetSource
 from .lifecycle import LifecycleConfig, TokenLifecycle
 from .policy import Level, ServiceAnswer
 from .protocol import Auth, ProtocolError, encode, parse_client_message
+from .ratelimit import RateLimiter
 from .registry import Lease, Registry
 from .session import Session
 from .sources import extract_credentials
@@ -86,6 +91,10 @@ class Gateway:
         )
         self.stats: Counter[str] = Counter()
         self.addresses: list[tuple[str, int]] = []
+        self.admin_port: int | None = None
+        self.draining = False
+        self._rng = random.Random()
+        self._handshakes = RateLimiter(settings.server.handshake_rate, settings.server.handshake_burst)
         b = settings.breaker
         self.breaker = BreakerActor(
             CircuitBreaker(
@@ -120,6 +129,10 @@ class Gateway:
 
     async def _start(self) -> None:
         await self._nursery.start(self.breaker.run)
+        admin = self.settings.admin
+        if admin.port is not None:
+            app = AdminApp(self, admin.api_key)
+            self.admin_port = await self._nursery.start(serve_http, app.handle, admin.host, admin.port)
         if self.auth.key_set is not None:
             await self._nursery.start(self.auth.key_set.run)
         if self.auth.introspection is not None:
@@ -359,6 +372,46 @@ class Gateway:
 
     # -- operator API -----------------------------------------------------------
 
+    def publish(self, subject: str, event: dict[str, Any], *, tenant: str | None = None) -> tuple[int, int]:
+        """Push ``event`` to every connection of one user (never anyone else's).
+
+        Returns (connections that queued it, connections of the user). A connection whose
+        queue is full is told it missed events, and closed if it stays full.
+        """
+        sessions = self.registry.sessions_of((tenant, subject))
+        delivered = sum(session.offer({"type": "event", "event": event}) for session in sessions)
+        self.stats["published"] += delivered
+        return delivered, len(sessions)
+
+    def readiness_problems(self) -> list[str]:
+        problems = []
+        if self.draining:
+            problems.append("draining")
+        if not self.addresses:
+            problems.append("not listening")
+        if self.auth.key_set is not None and not self.auth.key_set.loaded:
+            problems.append("signing keys not loaded")
+        return problems
+
+    async def drain(self) -> None:
+        """Stop admitting (503), let runs finish up to ``drain_timeout``, then cancel them;
+        every connection ends with 1001 and a jittered reconnect hint."""
+        if self.draining:
+            return
+        self.draining = True
+        server = self.settings.server
+        log.warning(
+            "draining", extra={"event": "gateway.draining", "outcome": f"{len(self.registry)} connections"}
+        )
+        for session in self.registry.all_sessions():
+            session.drain(self._rng.uniform(0, server.drain_reconnect_jitter))
+        with trio.move_on_after(server.drain_timeout):
+            await self.registry.wait_empty()
+        for session in self.registry.all_sessions():
+            session.cancel_runs()
+        with trio.move_on_after(server.close_timeout + 1):
+            await self.registry.wait_empty()
+
     def revoke(self, *, jti: str | None = None, subject: str | None = None, tenant: str | None = None) -> int:
         """Revoke a token (by ``jti``) or everything of a subject; close affected connections.
 
@@ -406,6 +459,15 @@ class Gateway:
 
     async def admit(self, request: WebSocketRequest) -> Admission | Pending:
         """Decide on one upgrade request, or raise the :class:`GatewayError` to answer with."""
+        if self.draining:
+            raise Unavailable(
+                "server is draining", retry_after=self.settings.server.drain_reconnect_jitter or 1
+            )
+        peer = _peer(request)
+        if not self._handshakes.allow(peer, trio.current_time()):
+            raise TooManyRequests(
+                "too many handshakes from this address", retry_after=self._handshakes.retry_after(peer)
+            )
         if urlsplit(request.path).path != self.settings.server.path:
             raise NotFound("no WebSocket endpoint at this path")
         credentials = extract_credentials(
@@ -470,3 +532,8 @@ async def serve(
         await gateway._nursery.start(gateway.serve_tcp)
         task_status.started(gateway)
         await trio.sleep_forever()
+
+
+def _peer(request: WebSocketRequest) -> str:
+    remote = request.remote
+    return str(getattr(remote, "address", "local"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections import deque
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from .config import ServerSettings
 from .errors import CloseCode, GatewayError
 from .handshake import Admission
 from .lifecycle import Action, TokenLifecycle
+from .outbound import OutboundQueue
 from .protocol import (
     AGENT_EVENTS,
     PROTOCOL_VERSION,
@@ -83,9 +85,10 @@ class Session:
         self.degraded = degraded
         self._agent = agent
         self._settings = settings
-        self._out_send, self._out_recv = trio.open_memory_channel[dict[str, Any]](
-            settings.send_queue_messages
-        )
+        self._outbound = OutboundQueue(settings.send_queue_messages, settings.send_queue_bytes)
+        self._dropped = 0
+        self._overflow_watch = False
+        self._nursery: trio.Nursery | None = None
         self._seq = 0
         self._run_ids = itertools.count(1)
         self._runs: dict[str, trio.CancelScope] = {}
@@ -94,6 +97,9 @@ class Session:
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         self._client_gone = False
+        self._stream_stuck = False
+        self._draining = False
+        self._reconnect_after = 0.0
 
     # -- public ---------------------------------------------------------------
 
@@ -117,21 +123,50 @@ class Session:
     async def send(self, message: dict[str, Any]) -> None:
         """Queue one message; a consumer that stays full too long is closed (1008)."""
         with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
-            try:
-                await self._out_send.send(message)
-            except trio.ClosedResourceError:
-                return
+            await self._outbound.put(encode(message))
         if waited.cancelled_caught:
             self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
+
+    def offer(self, message: dict[str, Any]) -> bool:
+        """Queue without waiting (server push). When full, the message is dropped, the
+        client is told how many were dropped once it catches up, and a consumer that
+        stays full beyond ``slow_consumer_timeout`` is closed (1008)."""
+        if self.close_code is not None:
+            return False
+        if self._outbound.put_nowait(encode(message)):
+            return True
+        self._dropped += 1
+        if not self._overflow_watch and self._nursery is not None:
+            self._overflow_watch = True
+            self._nursery.start_soon(self._watch_overflow)
+        return False
+
+    async def _watch_overflow(self) -> None:
+        with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
+            await self._outbound.wait_not_full()
+        if waited.cancelled_caught:
+            self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
+            return
+        dropped, self._dropped, self._overflow_watch = self._dropped, 0, False
+        await self.send(
+            {
+                "type": "error",
+                "code": "events_dropped",
+                "message": f"{dropped} events dropped",
+                "dropped": dropped,
+            }
+        )
 
     async def run(self) -> None:
         """Serve until closed. Never raises except Cancelled; a bug closes with 1011."""
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(self._writer)
                     await self.send(self._ready_message())
                     nursery.start_soon(self._watchdog, nursery)
+                    nursery.start_soon(self._heartbeat)
                     nursery.start_soon(self._reader, nursery)
         except Exception:
             log.exception("session failed", extra={"session": self.id, "event": "session.error"})
@@ -155,33 +190,56 @@ class Session:
         }
 
     async def _writer(self) -> None:
-        async for message in self._out_recv:
-            if not await self._write(message):
-                return
+        while await self._write(await self._outbound.get()):
+            pass
 
-    async def _write(self, message: dict[str, Any]) -> bool:
+    async def _write(self, text: str) -> bool:
         self._seq += 1
-        message["seq"] = self._seq
+        frame = f'{text[:-1]},"seq":{self._seq}}}'
         # A message taken from the queue is written whole even while the session is
         # being cancelled (a frame cut in half would corrupt the stream), within a bound.
         with trio.CancelScope(shield=True) as scope:
             scope.relative_deadline = self._settings.slow_consumer_timeout
             try:
-                await self.ws.send_message(encode(message))
+                await self.ws.send_message(frame)
             except ConnectionClosed:
                 self._client_left()
                 return False
         if scope.cancelled_caught:
+            self._stream_stuck = True
             self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
             return False
         return True
 
+    async def _heartbeat(self) -> None:
+        """Ping every ``heartbeat_interval``; no pong within ``heartbeat_timeout`` ends the session."""
+        interval = self._settings.heartbeat_interval
+        if interval <= 0:
+            return
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(self._settings.heartbeat_timeout) as waited:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    self._client_left()
+                    return
+            if waited.cancelled_caught:
+                self._stream_stuck = True  # nothing more can usefully be written
+                self.close(CloseCode.GOING_AWAY, "ping timeout")
+                return
+
     async def _reader(self, nursery: trio.Nursery) -> None:
+        idle = self._settings.idle_timeout or math.inf
         while True:
             try:
-                raw = await self.ws.get_message()
+                with trio.move_on_after(idle) as waited:
+                    raw = await self.ws.get_message()
             except ConnectionClosed:
                 self._client_left()
+                return
+            if waited.cancelled_caught:
+                self.close(CloseCode.NORMAL, "idle timeout")
                 return
             try:
                 message = parse_client_message(raw, max_depth=self._settings.max_json_depth)
@@ -280,7 +338,28 @@ class Session:
     async def send_error(self, code: str, reason: str) -> None:
         await self.send({"type": "error", "code": code, "message": reason})
 
+    def drain(self, reconnect_after: float) -> None:
+        """Stop taking new runs; close with 1001 once the running ones have finished."""
+        if self._draining or self.close_code is not None:
+            return
+        self._draining = True
+        self._reconnect_after = reconnect_after
+        self.offer({"type": "session.draining", "reconnect_after": round(reconnect_after, 1)})
+        if not self._runs:
+            self._close_drained()
+
+    def cancel_runs(self) -> None:
+        """Cancel every run (each still ends with its terminal event)."""
+        for scope in self._runs.values():
+            scope.cancel()
+
+    def _close_drained(self) -> None:
+        self.close(CloseCode.GOING_AWAY, f"server draining; reconnect after {self._reconnect_after:.1f} s")
+
     async def _start_run(self, message: UserMessage, nursery: trio.Nursery) -> None:
+        if self._draining:
+            await self.send_error("draining", "the server is draining; reconnect to start new runs")
+            return
         if len(self._runs) >= self._settings.max_runs_per_session:
             await self.send_error("too_many_runs", "too many runs in progress on this connection")
             return
@@ -317,6 +396,8 @@ class Session:
             del self._runs[run_id]
         if not completed:
             await self.send({"type": "agent_completed", "run_id": run_id, **tag, "status": status})
+        if self._draining and not self._runs:
+            self._close_drained()
 
     def _client_left(self) -> None:
         self._client_gone = True
@@ -327,15 +408,11 @@ class Session:
         code = self.close_code or CloseCode.NORMAL
         with trio.move_on_after(self._settings.close_timeout) as cleanup:
             cleanup.shield = True
-            if not self._client_gone and code != CloseCode.INTERNAL_ERROR:
-                while True:
-                    try:
-                        message = self._out_recv.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            self._outbound.close()
+            if not (self._client_gone or self._stream_stuck) and code != CloseCode.INTERNAL_ERROR:
+                while (text := self._outbound.get_nowait()) is not None:
+                    if not await self._write(text):
                         break
-                    if not await self._write(message):
-                        break
-            self._out_send.close()
             self._token = None
             await self.ws.aclose(int(code), self.close_reason[:120] or None)
         log.info(

@@ -66,6 +66,9 @@ def settings_for_tests(**overrides: Any) -> Settings:
         "auth.leeway": 0.0,
         "dev.enabled": False,
         "agent.step_delay": 0.1,
+        # Every in-memory client shares one "address"; tests of the rate limit set their own.
+        "server.handshake_rate": 1e9,
+        "server.handshake_burst": 1_000_000,
     }
     base.update(overrides)
     return load_settings(None, env={}, overrides=base)

@@ -1,0 +1,77 @@
+"""The admin listener: server push, revocation and health, for operators and backends.
+
+Bound to 127.0.0.1 by default. ``/healthz`` and ``/readyz`` are open; every
+other endpoint needs ``Authorization: Bearer <admin.api_key>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from .httpserver import Request, Response
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+
+def _json(status: int, body: Any) -> Response:
+    return Response(status, json.dumps(body).encode())
+
+
+class AdminApp:
+    def __init__(self, gateway: Gateway, api_key: str | None) -> None:
+        self._gateway = gateway
+        self._key = api_key.encode() if api_key else None
+
+    async def handle(self, request: Request) -> Response:
+        path = urlsplit(request.target).path
+        if path == "/healthz" and request.method == "GET":
+            return _json(200, {"status": "ok"})
+        if path == "/readyz" and request.method == "GET":
+            problems = self._gateway.readiness_problems()
+            return _json(503 if problems else 200, {"ready": not problems, "problems": problems})
+        if path not in ("/publish", "/revoke"):
+            return _json(404, {"error": "not found"})
+        if request.method != "POST":
+            return Response(405, b'{"error":"method not allowed"}', headers=(("allow", "POST"),))
+        if not self._authorized(request):
+            return Response(
+                401, b'{"error":"admin api key required"}', headers=(("www-authenticate", "Bearer"),)
+            )
+        try:
+            body = json.loads(request.body)
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            return self._publish(body) if path == "/publish" else self._revoke(body)
+        except (ValueError, TypeError) as exc:
+            return _json(400, {"error": str(exc)})
+
+    def _authorized(self, request: Request) -> bool:
+        if self._key is None:
+            return False
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._key)
+
+    def _publish(self, body: dict[str, Any]) -> Response:
+        subject, tenant, event = body.get("subject"), body.get("tenant"), body.get("event")
+        if not isinstance(subject, str) or not subject:
+            raise ValueError("'subject' must be a non-empty string")
+        if tenant is not None and not isinstance(tenant, str):
+            raise ValueError("'tenant' must be a string")
+        if not isinstance(event, dict):
+            raise ValueError("'event' must be a JSON object")
+        delivered, connections = self._gateway.publish(subject, event, tenant=tenant)
+        return _json(200, {"delivered": delivered, "connections": connections})
+
+    def _revoke(self, body: dict[str, Any]) -> Response:
+        jti, subject, tenant = body.get("jti"), body.get("subject"), body.get("tenant")
+        if (jti is None) == (subject is None):
+            raise ValueError("give exactly one of 'jti' and 'subject'")
+        if not isinstance(jti or subject, str):
+            raise ValueError("'jti' or 'subject' must be a string")
+        if tenant is not None and not isinstance(tenant, str):
+            raise ValueError("'tenant' must be a string")
+        return _json(200, {"closed": self._gateway.revoke(jti=jti, subject=subject, tenant=tenant)})
