@@ -151,9 +151,14 @@ class GatewayHarness:
         claims.setdefault("aud", TEST_AUDIENCE)
         return mint_token(self.secret, subject, now=self.now(), ttl=ttl, scopes=scopes, **claims)
 
-    def open_stream(self) -> trio.abc.Stream:
-        """A raw client stream whose other end the gateway serves."""
-        client, server = trio.testing.memory_stream_pair()
+    def open_stream(self, *, lockstep: bool = False) -> trio.abc.Stream:
+        """A raw client stream whose other end the gateway serves.
+
+        ``lockstep``: no buffering, so a client that stops reading blocks the server's writes
+        (as a full TCP window does).
+        """
+        pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+        client, server = pair()
         self.nursery.start_soon(self.gateway.handle_stream, server)
         return client
 
@@ -166,6 +171,7 @@ class GatewayHarness:
         path: str | None = None,
         headers: Sequence[tuple[bytes, bytes]] = (),
         subprotocols: Sequence[str] | None = None,
+        lockstep: bool = False,
     ) -> AsyncIterator[Client]:
         """Open a WebSocket to the gateway; a refusal raises ``ConnectionRejected``."""
         extra = list(headers)
@@ -174,7 +180,7 @@ class GatewayHarness:
             extra.append((b"Authorization", f"Bearer {token}".encode()))
         elif token is not None and via == "subprotocol":
             protocols += ["wsgate.v1", f"bearer.{token}"]
-        stream = self.open_stream()
+        stream = self.open_stream(lockstep=lockstep)
         try:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(60):  # a test must never hang on a silent gateway

@@ -1,0 +1,246 @@
+"""Users are isolated, limits hold at the boundary, slow and dead clients are dropped, drain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import wsproto
+import wsproto.events
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsgate import CloseCode
+from wsgate.testing import Client, ConnectionRejected, open_harness, settings_for_tests
+
+USERS = [("t1", "alice"), ("t1", "bob"), ("t2", "alice"), (None, "carol")]
+
+operation = st.one_of(
+    st.tuples(st.just("connect"), st.integers(0, len(USERS) - 1)),
+    st.tuples(st.just("disconnect"), st.integers(0, 50)),
+    st.tuples(st.just("publish"), st.integers(0, len(USERS) - 1)),
+    st.tuples(st.just("run"), st.integers(0, 50)),
+    st.tuples(st.just("wait"), st.integers(0, 3)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(operation, max_size=40))
+def test_every_event_reaches_exactly_its_users_connections(ops: list[tuple[str, int]]) -> None:
+    async def main() -> None:
+        async with open_harness() as h, trio.open_nursery() as nursery:
+            clients: list[tuple[int, Client, trio.CancelScope, list[dict[str, Any]]]] = []
+            expected: dict[int, list[int]] = {}  # client number -> publish ids it must get
+            published = 0
+
+            async def hold(user: int, number: int, task_status: Any) -> None:
+                tenant, subject = USERS[user]
+                claims: dict[str, Any] = {"tenant": tenant} if tenant else {}
+                with trio.CancelScope() as scope:
+                    async with h.connect(h.token(subject, **claims)) as client:
+                        log: list[dict[str, Any]] = []
+                        task_status.started((client, scope, log))
+                        while True:
+                            log.append(await client.receive_json())
+
+            for op, arg in ops:
+                if op == "connect":
+                    client, scope, log = await nursery.start(hold, arg, len(clients))
+                    clients.append((arg, client, scope, log))
+                    expected[len(clients) - 1] = []
+                elif op == "disconnect" and clients:
+                    await trio.testing.wait_all_tasks_blocked()  # it reads what reached it, then leaves
+                    number = arg % len(clients)
+                    clients[number][2].cancel()
+                elif op == "publish":
+                    tenant, subject = USERS[arg]
+                    await trio.testing.wait_all_tasks_blocked()
+                    h.gateway.publish(subject, {"n": published}, tenant=tenant)
+                    for number, (user, _, scope, _) in enumerate(clients):
+                        if user == arg and not scope.cancel_called:
+                            expected[number].append(published)
+                    published += 1
+                elif op == "run" and clients:
+                    user, client, scope, _ = clients[arg % len(clients)]
+                    if not scope.cancel_called:
+                        await client.send_json({"type": "user_message", "text": "x"})
+                elif op == "wait":
+                    await trio.sleep(arg)
+            await trio.sleep(5)
+            for number, (_, _, _, log) in enumerate(clients):
+                got = [m["event"]["n"] for m in log if m["type"] == "event"]
+                assert got == expected[number]
+                assert [m["seq"] for m in log] == list(range(1, len(log) + 1))
+            nursery.cancel_scope.cancel()
+            for _, _, scope, _ in clients:
+                scope.cancel()
+        assert len(h.gateway.registry) == 0
+        assert h.gateway.registry.users == 0
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def rejected(h: Any, token: str) -> ConnectionRejected:
+    with pytest.raises(ConnectionRejected) as caught:
+        async with h.connect(token):
+            pass  # pragma: no cover
+    return caught.value
+
+
+async def test_per_user_limit_at_the_boundary(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_harness() as h, trio.open_nursery() as nursery:
+        ready = trio.Semaphore(0)
+
+        async def hold(token: str) -> None:
+            async with h.connect(token) as client:
+                await client.receive_json()
+                ready.release()
+                await trio.sleep_forever()
+
+        for _ in range(10):
+            nursery.start_soon(hold, h.token("alice", tenant="a"))
+            await ready.acquire()
+        eleventh = await rejected(h, h.token("alice", tenant="a"))
+        assert eleventh.status_code == 429
+        assert dict(eleventh.headers).get(b"retry-after") == b"1"
+        # Another tenant's alice is another user.
+        async with h.connect(h.token("alice", tenant="b")) as other:
+            assert (await other.receive_json())["subject"] == "alice"
+        nursery.cancel_scope.cancel()
+
+
+async def test_global_limit(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_harness(settings_for_tests(**{"server.max_connections": 2})) as h:
+        async with h.connect(h.token("a")) as a, h.connect(h.token("b")) as b:
+            await a.receive_json()
+            await b.receive_json()
+            assert (await rejected(h, h.token("c"))).status_code == 429
+        async with h.connect(h.token("c")) as c:
+            assert (await c.receive_json())["subject"] == "c"
+
+
+async def test_handshake_rate_per_address(autojump_clock: trio.testing.MockClock) -> None:
+    settings = settings_for_tests(**{"server.handshake_rate": 2, "server.handshake_burst": 3})
+    async with open_harness(settings) as h:
+        for _ in range(3):
+            async with h.connect(h.token()) as client:
+                await client.receive_json()
+        refused = await rejected(h, h.token())
+        assert refused.status_code == 429
+        await trio.sleep(0.5)  # one token back at 2 per second
+        async with h.connect(h.token()) as client:
+            await client.receive_json()
+
+
+async def test_a_slow_consumer_is_closed_without_delaying_a_fast_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = settings_for_tests(**{"server.send_queue_messages": 8, "server.slow_consumer_timeout": 2})
+    async with (
+        open_harness(settings) as h,
+        h.connect(h.token("slow"), lockstep=True) as slow,
+        h.connect(h.token("fast")) as fast,
+    ):
+        await slow.receive_json()
+        await fast.receive_json()
+        start = trio.current_time()
+        for n in range(50):  # the slow client reads nothing from here on
+            h.gateway.publish("slow", {"n": n})
+            h.gateway.publish("fast", {"n": n})
+            message = await fast.receive_json()
+            assert message["event"]["n"] == n
+            assert trio.current_time() == start  # never delayed by the slow one
+        (session,) = h.gateway.registry.sessions_of((None, "slow"))
+        await trio.sleep(3)
+        assert session.close_code == CloseCode.POLICY_VIOLATION
+        assert session.close_reason == "slow consumer"
+        assert h.gateway.registry.sessions_of((None, "slow")) == []
+        h.gateway.publish("fast", {"n": "after"})
+        assert (await fast.receive_json())["event"]["n"] == "after"
+
+
+async def test_a_consumer_that_catches_up_is_told_what_it_missed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = settings_for_tests(**{"server.send_queue_messages": 4, "server.slow_consumer_timeout": 5})
+    async with open_harness(settings) as h, h.connect(h.token("alice"), lockstep=True) as client:
+        await client.receive_json()
+        results = [h.gateway.publish("alice", {"n": n})[0] for n in range(10)]
+        assert results.count(0) >= 1  # some could not be queued...
+        received = [await client.receive_json() for _ in range(6)]
+        told = [m for m in received if m["type"] == "error"]
+        # ...and the client is told how many, once it reads again.
+        assert told and told[0]["code"] == "events_dropped" and told[0]["dropped"] == results.count(0)
+        events = [m["event"]["n"] for m in received if m["type"] == "event"]
+        assert events == [n for n, ok in enumerate(results) if ok][: len(events)]
+
+
+async def test_missing_pong_closes_the_connection(autojump_clock: trio.testing.MockClock) -> None:
+    settings = settings_for_tests(**{"server.heartbeat_interval": 20, "server.heartbeat_timeout": 10})
+    async with open_harness(settings) as h:
+        stream = h.open_stream()
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        token = h.token("mute")
+        request = wsproto.events.Request(
+            host="x", target="/ws", extra_headers=[(b"authorization", f"Bearer {token}".encode())]
+        )
+        await stream.send_all(ws.send(request))
+        pings = 0
+        while True:  # read everything, answer nothing (no pong)
+            data = await stream.receive_some()
+            if not data:
+                break
+            ws.receive_data(bytes(data))
+            for event in ws.events():
+                if isinstance(event, wsproto.events.Ping):
+                    pings += 1
+                    at = trio.current_time()
+        assert pings == 1
+        assert at == pytest.approx(20)
+        assert trio.current_time() == pytest.approx(30, abs=5.1)  # timeout, then the close timeout
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.gateway.stats["close.1001"] == 1
+        assert len(h.gateway.registry) == 0
+
+
+async def test_idle_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    settings = settings_for_tests(**{"server.idle_timeout": 30})
+    async with open_harness(settings) as h, h.connect(h.token()) as client:
+        await client.receive_json()
+        await trio.sleep(20)
+        await client.send_json({"type": "ping"})
+        await client.receive_json()
+        _, reason = await client.wait_closed()
+        assert reason.code == CloseCode.NORMAL
+        assert trio.current_time() == pytest.approx(50)
+
+
+@pytest.mark.parametrize(("drain_timeout", "status"), [(60.0, "ok"), (5.0, "cancelled")])
+async def test_drain_with_runs_in_flight(
+    autojump_clock: trio.testing.MockClock, drain_timeout: float, status: str
+) -> None:
+    settings = settings_for_tests(**{"agent.step_delay": 10.0, "server.drain_timeout": drain_timeout})
+    async with open_harness(settings) as h:
+        async with h.connect(h.token("busy")) as busy, h.connect(h.token("idle")) as idle:
+            await busy.receive_json()
+            await idle.receive_json()
+            await busy.send_json({"type": "user_message", "text": "long"})
+            assert (await busy.receive_json())["type"] == "agent_started"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(h.gateway.drain)
+                await trio.testing.wait_all_tasks_blocked()
+                # New handshakes are refused while draining.
+                refused = await rejected(h, h.token("late"))
+                assert refused.status_code == 503
+                received, reason = await idle.wait_closed()
+                assert [m["type"] for m in received] == ["session.draining"]
+                assert reason.code == CloseCode.GOING_AWAY and "reconnect after" in (reason.reason or "")
+                received, reason = await busy.wait_closed()
+                assert received[0]["type"] == "session.draining"
+                assert received[-1]["type"] == "agent_completed" and received[-1]["status"] == status
+                assert reason.code == CloseCode.GOING_AWAY
+                assert [m["seq"] for m in received] == list(range(3, 3 + len(received)))
+            assert trio.current_time() <= drain_timeout + 1
+        assert len(h.gateway.registry) == 0
