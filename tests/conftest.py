@@ -36,10 +36,11 @@ def ed_key() -> tuple[Any, bytes]:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[str], url: str, cwd: Path) -> None:
+    def __init__(self, proc: subprocess.Popen[str], url: str, cwd: Path, admin: str | None = None) -> None:
         self.proc = proc
         self.url = url
         self.cwd = cwd
+        self.admin = admin
 
     def token(self, *args: str) -> str:
         out = subprocess.run(
@@ -71,7 +72,11 @@ def start_server(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Se
             break
         match = re.search(r"listening on (ws://\S+)", line)
         if match:
-            return Server(proc, match.group(1), cwd)
+            admin = None
+            if "--admin-port" in args:
+                admin_match = re.search(r"admin listener on (http://\S+)", proc.stdout.readline())
+                admin = admin_match.group(1) if admin_match else None
+            return Server(proc, match.group(1), cwd, admin)
     proc.kill()
     raise AssertionError("server did not start: " + (proc.stderr.read() if proc.stderr else ""))
 

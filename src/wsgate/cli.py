@@ -143,7 +143,8 @@ def _print_banner(gateway: Gateway) -> None:
     else:
         lines.append(f"wsgate listening on {url}")
     if gateway.admin_port is not None:
-        lines.append(f"admin listener on http://{settings.admin.host}:{gateway.admin_port}")
+        where = next(i for i, line in enumerate(lines) if line.startswith("wsgate listening on"))
+        lines.insert(where + 1, f"admin listener on http://{settings.admin.host}:{gateway.admin_port}")
     print("\n".join(lines), flush=True)
 
 
