@@ -1,7 +1,7 @@
 """The admin listener: server push, revocation and health, for operators and backends.
 
-Bound to 127.0.0.1 by default. ``/healthz`` and ``/readyz`` are open; every
-other endpoint needs ``Authorization: Bearer <admin.api_key>``.
+Bound to 127.0.0.1 by default. ``/healthz``, ``/readyz`` and ``/metrics`` are
+open; ``/publish`` and ``/revoke`` need ``Authorization: Bearer <admin.api_key>``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import hmac
 import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .httpserver import Request, Response
 
@@ -33,6 +35,8 @@ class AdminApp:
         if path == "/readyz" and request.method == "GET":
             problems = self._gateway.readiness_problems()
             return _json(503 if problems else 200, {"ready": not problems, "problems": problems})
+        if path == "/metrics" and request.method == "GET":
+            return Response(200, self._gateway.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
         if path not in ("/publish", "/revoke"):
             return _json(404, {"error": "not found"})
         if request.method != "POST":

@@ -91,7 +91,9 @@ class IntrospectionClient:
         wall_clock: Callable[[], float],
         *,
         rng: random.Random | None = None,
+        observe: Callable[[float], None] | None = None,
     ) -> None:
+        self._observe = observe
         if settings.introspection_url is None:
             raise ValueError("auth.introspection_url is not set")
         self._url = settings.introspection_url
@@ -220,6 +222,14 @@ class IntrospectionClient:
         raise ServiceUnavailable(reason)
 
     async def _call_once(self, token: str) -> TokenInfo:
+        started = trio.current_time()
+        try:
+            return await self._call_once_timed(token)
+        finally:
+            if self._observe is not None:
+                self._observe(trio.current_time() - started)
+
+    async def _call_once_timed(self, token: str) -> TokenInfo:
         with trio.move_on_after(self._settings.call_timeout) as call:
             try:
                 response = await self._http.post(

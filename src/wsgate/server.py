@@ -35,6 +35,7 @@ from .httpserver import serve_http
 from .introspection import IntrospectionClient
 from .jwks import KeySetSource
 from .lifecycle import LifecycleConfig, TokenLifecycle
+from .metrics import Metrics
 from .policy import Level, ServiceAnswer
 from .protocol import Auth, ProtocolError, encode, parse_client_message
 from .ratelimit import RateLimiter
@@ -95,6 +96,7 @@ class Gateway:
         self.draining = False
         self._rng = random.Random()
         self._handshakes = RateLimiter(settings.server.handshake_rate, settings.server.handshake_burst)
+        self.metrics = Metrics(self)
         b = settings.breaker
         self.breaker = BreakerActor(
             CircuitBreaker(
@@ -115,7 +117,14 @@ class Gateway:
         self._owns_http = http is None and self.http is not None
         introspection = key_set = None
         if self.http is not None and auth.introspection_url:
-            introspection = IntrospectionClient(auth, self.http, self.breaker, nursery, self.clock.now)
+            introspection = IntrospectionClient(
+                auth,
+                self.http,
+                self.breaker,
+                nursery,
+                self.clock.now,
+                observe=self.metrics.auth_call_seconds.observe,
+            )
         if self.http is not None and (auth.jwks_url or auth.discovery):
             key_set = KeySetSource(auth, self.http, self.verifier.set_dynamic_keys)
         self.auth = Authenticator(
@@ -204,6 +213,7 @@ class Gateway:
         server = self.settings.server
         guarded = GuardedStream(stream)
         opened: _Opened | None = None
+        started = trio.current_time()
         with trio.move_on_after(server.handshake_timeout) as deadline:
             request = await wrap_server_stream(
                 nursery, guarded, message_queue_size=4, max_message_size=server.max_message_bytes
@@ -215,6 +225,7 @@ class Gateway:
             self.stats["handshake.timeout"] += 1
             log.info("handshake timed out", extra={"event": "handshake.timeout"})
             return
+        self.metrics.handshake_seconds.observe(trio.current_time() - started)
         if opened is None:
             return
         admission, lease = opened.admission, opened.lease
@@ -353,6 +364,7 @@ class Gateway:
             self.settings.server,
             hooks=self,
             lifecycle=lifecycle,
+            stats=self.stats,
             degraded=admission.degraded,
             token=admission.token,
             refresh_limit=(auth.refresh_limit, auth.refresh_window),
@@ -367,7 +379,11 @@ class Gateway:
         return self.clock.to_trio(wall)
 
     async def refresh(self, token: str) -> Admission:
-        result = await self.auth.authenticate(token, TokenSource.REFRESH)
+        try:
+            result = await self.auth.authenticate(token, TokenSource.REFRESH)
+        except GatewayError as error:
+            self.stats[f"refresh.{error.status}"] += 1
+            raise
         return Admission(result.identity, None, result.degraded, token=self._kept(token))
 
     # -- operator API -----------------------------------------------------------

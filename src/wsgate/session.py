@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Protocol
 
 import trio
@@ -71,7 +71,9 @@ class Session:
         degraded: bool = False,
         token: str | None = None,
         refresh_limit: tuple[int, float] = (10, 60.0),
+        stats: Counter[str] | None = None,
     ) -> None:
+        self.stats: Counter[str] = stats if stats is not None else Counter()
         self.id = session_id
         self._token = token
         self._hooks = hooks
@@ -125,6 +127,7 @@ class Session:
         with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
             await self._outbound.put(encode(message))
         if waited.cancelled_caught:
+            self.stats["send.slow_consumer_closed"] += 1
             self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
 
     def offer(self, message: dict[str, Any]) -> bool:
@@ -136,6 +139,7 @@ class Session:
         if self._outbound.put_nowait(encode(message)):
             return True
         self._dropped += 1
+        self.stats["send.dropped"] += 1
         if not self._overflow_watch and self._nursery is not None:
             self._overflow_watch = True
             self._nursery.start_soon(self._watch_overflow)
@@ -145,6 +149,7 @@ class Session:
         with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
             await self._outbound.wait_not_full()
         if waited.cancelled_caught:
+            self.stats["send.slow_consumer_closed"] += 1
             self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
             return
         dropped, self._dropped, self._overflow_watch = self._dropped, 0, False
@@ -289,6 +294,7 @@ class Session:
                 await self.send_error("refresh_rejected", exc.reason)
                 return
             if result.identity.user_key != self.identity.user_key:
+                self.stats["refresh.other_subject"] += 1
                 self.close(CloseCode.FORBIDDEN, "refresh with another subject")
                 return
             if not self.lifecycle.accepts_refresh(self._hooks.wall_now()):
@@ -297,6 +303,7 @@ class Session:
             self.identity = result.identity
             self.degraded = result.degraded
             self._token = result.token
+            self.stats["refresh.ok"] += 1
             self.lifecycle.on_refresh(
                 result.identity.expires_at, result.identity.issued_at, self._hooks.wall_now()
             )
@@ -379,6 +386,7 @@ class Session:
             if completed:
                 raise RuntimeError("the run has already completed")
             completed = event == "agent_completed"
+            self.stats["agent.events"] += 1
             await self.send({"type": event, "run_id": run_id, **tag, **fields})
 
         ctx = RunContext(run_id=run_id, session_id=self.id, identity=self.identity)
@@ -394,6 +402,7 @@ class Session:
             status = "error"
         finally:
             del self._runs[run_id]
+        self.stats[f"run.{status}"] += 1
         if not completed:
             await self.send({"type": "agent_completed", "run_id": run_id, **tag, "status": status})
         if self._draining and not self._runs:

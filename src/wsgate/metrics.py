@@ -1,0 +1,109 @@
+"""Prometheus metrics, read from the gateway's counters at scrape time.
+
+The hot paths only bump plain ``collections.Counter`` entries (or observe a
+histogram); this collector turns them into Prometheus families when
+``/metrics`` is scraped, on a registry of the gateway's own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .breaker import BreakerState
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+BREAKER_STATE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The gateway's metrics registry: histograms observed live, counters collected."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.registry = CollectorRegistry()
+        self.handshake_seconds = Histogram(
+            "wsgate_handshake_seconds",
+            "Time from the upgrade request to admission or refusal.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.auth_call_seconds = Histogram(
+            "wsgate_auth_call_seconds",
+            "Duration of one introspection call to the auth service.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_GatewayCollector(gateway))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _family(name: str, doc: str, label: str, stats: Counter[str], prefix: str) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(stats.items()):
+        if key.startswith(prefix):
+            family.add_metric([key[len(prefix) :]], value)
+    return family
+
+
+class _GatewayCollector(Collector):
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        gateway = self._gateway
+        stats = gateway.stats
+        open_by = GaugeMetricFamily(
+            "wsgate_connections_open", "Open connections by admission outcome.", labels=["outcome"]
+        )
+        outcomes: Counter[str] = Counter({"normal": 0, "degraded": 0, "demo": 0})
+        for session in gateway.registry.all_sessions():
+            outcomes[
+                "demo" if session.identity.anonymous else "degraded" if session.degraded else "normal"
+            ] += 1
+        for outcome, count in sorted(outcomes.items()):
+            open_by.add_metric([outcome], count)
+        yield open_by
+        yield _family("wsgate_handshakes", "Handshakes by outcome.", "outcome", stats, "handshake.")
+        yield _family("wsgate_close_codes", "Close codes sent.", "code", stats, "close.")
+        yield _family("wsgate_token_refreshes", "In-band refreshes by outcome.", "outcome", stats, "refresh.")
+        yield _family("wsgate_agent_runs", "Agent runs by final status.", "status", stats, "run.")
+        yield _family("wsgate_send", "Back-pressure events.", "event", stats, "send.")
+        events = CounterMetricFamily("wsgate_agent_events", "Agent events queued for clients.")
+        events.add_metric([], stats["agent.events"])
+        yield events
+        published = CounterMetricFamily("wsgate_published_events", "Server-push events queued.")
+        published.add_metric([], stats["published"])
+        yield published
+        introspection = gateway.auth.introspection
+        if introspection is not None:
+            yield _family(
+                "wsgate_auth_calls", "Auth-service calls by outcome.", "outcome", introspection.stats, "call."
+            )
+            yield _family(
+                "wsgate_auth_cache", "Introspection cache lookups.", "result", introspection.stats, "cache."
+            )
+        breaker = GaugeMetricFamily(
+            "wsgate_breaker_state", "Auth-service breaker: 0 closed, 1 half-open, 2 open."
+        )
+        breaker.add_metric([], BREAKER_STATE[gateway.breaker.state])
+        yield breaker
+        yield _family(
+            "wsgate_breaker_transitions",
+            "Breaker transitions by new state.",
+            "to",
+            gateway.breaker.stats,
+            "transition.",
+        )
+        yield _family(
+            "wsgate_admission", "Admission decisions by verdict.", "verdict", gateway.auth.stats, ""
+        )
