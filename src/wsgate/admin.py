@@ -1,13 +1,15 @@
 """The admin listener: server push, revocation and health, for operators and backends.
 
-Bound to 127.0.0.1 by default. ``/healthz``, ``/readyz`` and ``/metrics`` are
-open; ``/publish`` and ``/revoke`` need ``Authorization: Bearer <admin.api_key>``.
+Bound to 127.0.0.1 by default. ``/healthz``, ``/readyz``, ``/metrics`` and the
+``/demo`` page are open (``/demo/token`` mints dev tokens in dev mode only);
+``/publish`` and ``/revoke`` need ``Authorization: Bearer <admin.api_key>``.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -17,6 +19,9 @@ from .httpserver import Request, Response
 
 if TYPE_CHECKING:
     from .server import Gateway
+
+
+DEMO_PAGE = (resources.files("wsgate") / "static" / "demo.html").read_bytes()
 
 
 def _json(status: int, body: Any) -> Response:
@@ -35,6 +40,16 @@ class AdminApp:
         if path == "/readyz" and request.method == "GET":
             problems = self._gateway.readiness_problems()
             return _json(503 if problems else 200, {"ready": not problems, "problems": problems})
+        if path == "/demo" and request.method == "GET":
+            return Response(200, DEMO_PAGE, content_type="text/html; charset=utf-8")
+        if path == "/demo/config" and request.method == "GET":
+            return _json(
+                200, {"url": self._gateway.public_url(), "dev": self._gateway.dev_secret is not None}
+            )
+        if path == "/demo/token" and request.method == "POST":
+            if self._gateway.dev_secret is None:
+                return _json(404, {"error": "dev tokens exist only in dev mode"})
+            return _json(200, {"token": self._gateway.mint_dev_token("demo-user", ttl=300)})
         if path == "/metrics" and request.method == "GET":
             return Response(200, self._gateway.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
         if path not in ("/publish", "/revoke"):

@@ -123,8 +123,7 @@ async def _second_signal_stops(signals: AsyncIterator[int], scope: trio.CancelSc
 
 def _print_banner(gateway: Gateway) -> None:
     settings = gateway.settings
-    host, port = gateway.addresses[0]
-    url = f"ws://{host}:{port}{settings.server.path}"
+    url = gateway.public_url()
     lines = []
     if gateway.dev_secret is not None:
         token = gateway.mint_dev_token("alice", ttl=3600)

@@ -399,6 +399,14 @@ class Gateway:
         self.stats["published"] += delivered
         return delivered, len(sessions)
 
+    def public_url(self) -> str:
+        """The WebSocket URL this gateway listens on (the first address)."""
+        host, port = (
+            self.addresses[0] if self.addresses else (self.settings.server.host, self.settings.server.port)
+        )
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{port}{self.settings.server.path}"
+
     def readiness_problems(self) -> list[str]:
         problems = []
         if self.draining:
