@@ -59,6 +59,10 @@ class ServerSettings:
     port: int = attrs.field(default=8765, validator=_between(0, 65535))
     path: str = attrs.field(default="/ws", validator=_check(lambda v: v.startswith("/"), "must start with /"))
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive())
+    max_header_bytes: int = attrs.field(default=16384, validator=_between(1024, 1024 * 1024))
+    max_headers: int = attrs.field(default=64, validator=_between(8, 1000))
+    message_rate: float = attrs.field(default=50.0, validator=_positive())
+    message_burst: int = attrs.field(default=100, validator=_positive())
     max_message_bytes: int = attrs.field(default=65536, validator=_between(128, 16 * 1024 * 1024))
     send_queue_messages: int = attrs.field(default=256, validator=_positive())
     send_queue_bytes: int = attrs.field(default=1024 * 1024, validator=_between(1024, 1024**3))
@@ -103,6 +107,10 @@ class AuthSettings:
     tenant_claim: str = "tenant"
     header: bool = True
     subprotocol: bool = True
+    cookie: bool = False
+    cookie_name: str = "wsgate_token"
+    query_param: bool = False
+    allowed_origins: tuple[str, ...] = ()
     policy: str = attrs.field(default="tolerant", validator=_one_of("strict", "tolerant", "local", "demo"))
     introspection_url: str | None = None
     client_id: str | None = None
@@ -236,7 +244,11 @@ class Settings:
             found.append("breaker.min_calls: must not exceed breaker.window")
         if self.auth.hmac_secret is not None and len(self.auth.hmac_secret.encode()) < 32:
             found.append("auth.hmac_secret: must be at least 32 bytes")
-        if not (self.auth.header or self.auth.subprotocol or self.auth.first_message):
+        if self.auth.cookie and not self.auth.allowed_origins:
+            found.append(
+                "auth.allowed_origins: required when auth.cookie is on (cookies ride along cross-site)"
+            )
+        if not (self.auth.header or self.auth.subprotocol or self.auth.first_message or self.auth.cookie):
             found.append("auth.header: at least one token source must be enabled")
         for i, key in enumerate(self.auth.keys):
             found.extend(f"auth.keys[{i}].{p}" for p in _key_problems(key))

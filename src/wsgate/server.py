@@ -29,7 +29,7 @@ from .breaker_actor import BreakerActor
 from .clock import WallClock
 from .config import Settings
 from .devkey import load_dev_secret
-from .errors import CloseCode, GatewayError, NotFound, TooManyRequests, Unavailable
+from .errors import CloseCode, Forbidden, GatewayError, NotFound, TooManyRequests, Unavailable
 from .handshake import Admission, Pending, reject_headers
 from .httpserver import serve_http
 from .introspection import IntrospectionClient
@@ -42,7 +42,7 @@ from .ratelimit import RateLimiter
 from .registry import Lease, Registry
 from .session import Session
 from .sources import extract_credentials
-from .streams import GuardedStream
+from .streams import RESPONSE_431, GuardedStream
 from .tokens import TokenSource, TokenVerifier, load_keys, mint_token
 
 __all__ = ["Admission", "Gateway", "WallClock", "open_gateway", "serve"]
@@ -211,13 +211,15 @@ class Gateway:
 
     async def _serve_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
         server = self.settings.server
-        guarded = GuardedStream(stream)
+        guarded = GuardedStream(
+            stream, max_head_bytes=server.max_header_bytes, max_head_lines=server.max_headers
+        )
         opened: _Opened | None = None
         started = trio.current_time()
         with trio.move_on_after(server.handshake_timeout) as deadline:
-            request = await wrap_server_stream(
-                nursery, guarded, message_queue_size=4, max_message_size=server.max_message_bytes
-            )
+            request = await self._read_request(nursery, guarded)
+            if request is None:
+                return
             opened = await self._open(request, guarded)
         if deadline.cancelled_caught:
             if opened is not None and opened.lease is not None:
@@ -256,6 +258,40 @@ class Gateway:
             lease.release()
             if session.close_code is not None:
                 self.stats[f"close.{int(session.close_code)}"] += 1
+
+    async def _read_request(self, nursery: trio.Nursery, stream: GuardedStream) -> WebSocketRequest | None:
+        """The upgrade request; None (after answering 431, or not at all) if it never comes."""
+        request: WebSocketRequest | None = None
+        async with trio.open_nursery() as race:
+
+            async def read() -> None:
+                nonlocal request
+                request = await wrap_server_stream(
+                    nursery,
+                    stream,
+                    message_queue_size=4,
+                    max_message_size=self.settings.server.max_message_bytes,
+                )
+                race.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await stream.oversized.wait()
+                race.cancel_scope.cancel()
+
+            async def gone() -> None:
+                await stream.gone.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(read)
+            race.start_soon(watch)
+            race.start_soon(gone)
+        if request is None:
+            outcome = "431" if stream.oversized.is_set() else "abandoned"
+            self.stats[f"handshake.{outcome}"] += 1
+            if stream.oversized.is_set():
+                log.info("handshake refused", extra={"event": "handshake.refused", "status": 431})
+                await stream.reply_raw(RESPONSE_431)
+        return request
 
     async def _open(self, request: WebSocketRequest, stream: GuardedStream) -> _Opened | None:
         """Admit and upgrade, or refuse with the HTTP status; None when refused or abandoned."""
@@ -494,12 +530,20 @@ class Gateway:
             )
         if urlsplit(request.path).path != self.settings.server.path:
             raise NotFound("no WebSocket endpoint at this path")
+        auth = self.settings.auth
+        origin = next((v.decode("latin-1") for k, v in request.headers if k.lower() == b"origin"), None)
+        if auth.allowed_origins and origin is not None and origin not in auth.allowed_origins:
+            raise Forbidden("origin not allowed")
         credentials = extract_credentials(
             request.headers,
             request.proposed_subprotocols,
-            header=self.settings.auth.header,
-            subprotocol=self.settings.auth.subprotocol,
+            header=auth.header,
+            subprotocol=auth.subprotocol,
+            cookie=auth.cookie_name if auth.cookie else None,
+            target=request.path if auth.query_param else None,
         )
+        if credentials.source is TokenSource.COOKIE and origin is None:
+            raise Forbidden("a cookie token needs an Origin header")
         if credentials.token is None and self.settings.auth.first_message:
             return Pending(credentials.subprotocol)
         result = await self.auth.authenticate(credentials.token, credentials.source)

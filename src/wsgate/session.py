@@ -36,6 +36,7 @@ from .protocol import (
     encode,
     parse_client_message,
 )
+from .ratelimit import RateLimiter
 from .tokens import Identity
 
 log = logging.getLogger("wsgate.session")
@@ -82,6 +83,7 @@ class Session:
         self._refresh_lock = trio.StrictFIFOLock()
         self._refresh_limit = refresh_limit
         self._refresh_times: deque[float] = deque()
+        self._message_rate = RateLimiter(settings.message_rate, settings.message_burst)
         self.ws = ws
         self.identity = identity
         self.degraded = degraded
@@ -245,6 +247,9 @@ class Session:
                 return
             if waited.cancelled_caught:
                 self.close(CloseCode.NORMAL, "idle timeout")
+                return
+            if not self._message_rate.allow("", trio.current_time()):
+                self.close(CloseCode.RATE_LIMITED, "message rate exceeded")
                 return
             try:
                 message = parse_client_message(raw, max_depth=self._settings.max_json_depth)

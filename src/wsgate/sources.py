@@ -7,6 +7,8 @@ different tokens in one request are refused (400), never merged.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 
@@ -32,9 +34,28 @@ def extract_credentials(
     *,
     header: bool = True,
     subprotocol: bool = True,
+    cookie: str | None = None,
+    target: str | None = None,
 ) -> Credentials:
-    """Find the token in the request, or raise :class:`BadRequest`."""
+    """Find the token in the request, or raise :class:`BadRequest`.
+
+    ``cookie``: the cookie name to read a token from (None: off). ``target``: the request
+    target to read ``access_token`` from (None: off).
+    """
     found: list[tuple[str, TokenSource]] = []
+    if cookie is not None:
+        for name, value in headers:
+            if name.lower() == b"cookie":
+                jar = SimpleCookie()
+                try:
+                    jar.load(value.decode("latin-1"))
+                except CookieError:
+                    raise BadRequest("malformed Cookie header") from None
+                if cookie in jar:
+                    found.append((jar[cookie].value, TokenSource.COOKIE))
+    if target is not None:
+        query: dict[str, list[str]] = parse_qs(urlsplit(target).query)
+        found.extend((token, TokenSource.QUERY) for token in query.get("access_token", []))
     if header:
         for name, value in headers:
             if name.lower() != b"authorization":
