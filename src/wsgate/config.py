@@ -224,7 +224,7 @@ class Settings:
             found.append("auth.jwks_url: set either auth.jwks_url or auth.discovery, not both")
         if auth.call_timeout > auth.deadline:
             found.append("auth.call_timeout: must not exceed auth.deadline")
-        if auth.deadline >= self.server.handshake_timeout:
+        if auth.introspection_url and auth.deadline >= self.server.handshake_timeout:
             found.append("auth.deadline: must be shorter than server.handshake_timeout")
         if auth.client_auth != "none" and auth.introspection_url and not auth.client_secret:
             found.append(f"auth.client_secret: needed for client_auth = {auth.client_auth}")

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import attrs
 import httpx
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from .admin import AdminApp
 from .agent import Agent, builtin_agent
@@ -44,6 +44,7 @@ from .session import Session
 from .sources import extract_credentials
 from .streams import RESPONSE_431, GuardedStream
 from .tokens import TokenSource, TokenVerifier, load_keys, mint_token
+from .wsconn import wrap_server_stream
 
 __all__ = ["Admission", "Gateway", "WallClock", "open_gateway", "serve"]
 
