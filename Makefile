@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint check unit bench clean
+.PHONY: serve test lint unit conformance bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ unit: $(STAMP)
 	$(BIN)/pytest --cov --cov-report=term:skip-covered
 
 test: lint unit
+
+conformance: $(STAMP)
+	$(BIN)/python scripts/conformance.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)

@@ -93,7 +93,9 @@ def test_a_configured_server_is_not_in_dev_mode(tmp_path: Path) -> None:
     config.write_text(
         '[auth]\nhmac_secret = "a-configured-secret-of-at-least-32-bytes"\nissuer = "me"\naudience = "you"\n'
     )
-    server = start_server(tmp_path, "--config", str(config), env={"WSGATE_AGENT__NAME": "echo"})
+    server = start_server(
+        tmp_path, "--config", str(config), env={"WSGATE_AGENT__NAME": "echo"}
+    )  # the raw echo app
     try:
         token = jwt.encode(
             {"sub": "carol", "exp": int(time.time()) + 60, "iss": "me", "aud": "you"},
@@ -101,16 +103,15 @@ def test_a_configured_server_is_not_in_dev_mode(tmp_path: Path) -> None:
             algorithm="HS256",
         )
 
-        async def echo() -> dict[str, Any]:
-            async with websockets.connect(
-                server.url, additional_headers={"Authorization": f"Bearer {token}"}
-            ) as ws:
-                await ws.recv()
-                await ws.send(json.dumps({"type": "user_message", "text": "echo me"}))
-                reply: dict[str, Any] = json.loads(await ws.recv())
-                return reply
+        async def echo() -> tuple[Any, Any]:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with websockets.connect(server.url, additional_headers=headers) as ws:
+                await ws.send("any text at all")
+                text = await ws.recv()
+                await ws.send(b"\x00\x01binary")
+                return text, await ws.recv()
 
-        assert asyncio.run(echo())["output"] == "echo me"
+        assert asyncio.run(echo()) == ("any text at all", b"\x00\x01binary")
         assert not (tmp_path / ".wsgate").exists()
     finally:
         err = stop(server)

@@ -12,10 +12,12 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import signal
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -455,12 +457,44 @@ async def test_attack(servers: Servers, name: str) -> None:
     assert not failures, failures
 
 
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read resident memory")
+async def test_a_10_mb_fragmented_message_is_refused_in_bounded_memory(servers: Servers) -> None:
+    pid = servers.main.proc.pid
+    client = await upgraded(servers)
+    before = rss_kib(pid)
+    fragment = frame(0x0, b"a" * 1024, fin=False)
+    await client.send_raw(frame(0x1, b"a" * 1024, fin=False))
+    sent = 1024
+    with trio.move_on_after(20):
+        while sent < 10 * 1024 * 1024:
+            try:
+                await client.send_raw(fragment * 64)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                break
+            sent += 64 * 1024
+    assert await client.close_code() == 1009
+    assert rss_kib(pid) - before < 4 * 1024  # within a few MB of where it started
+
+
 def test_the_table_is_long_enough() -> None:
     assert len(CASES) >= 40
 
 
 def test_no_token_reaches_the_logs(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Runs last in this module: read both servers' logs so far and look for any token."""
+
+    async def good_and_bad() -> None:
+        for token in (good("mallory"), unsigned("none"), hs(claims(iss="x"))):
+            answer = await connect(port_of(servers.main), token=token)
+            if answer.client is not None:
+                await answer.client.message()
+
+    trio.run(good_and_bad)
     logs = ""
     for server in (servers.main, servers.first_message):
         server.proc.send_signal(signal.SIGTERM)

@@ -70,7 +70,7 @@ class DemoAgent:
 
 @attrs.frozen
 class EchoAgent:
-    """Echoes the message back: for conformance and load tests."""
+    """Answers with the message itself, in one ``agent_completed``."""
 
     async def run(self, ctx: RunContext, message: str, emit: Emit) -> None:
         await emit("agent_completed", status="ok", output=message)
@@ -89,8 +89,6 @@ class NoopAgent:
 
 
 def builtin_agent(name: str, step_delay: float) -> Agent:
-    if name == "echo":
-        return EchoAgent()
     if name == "noop":
         return NoopAgent()
     return DemoAgent(step_delay=step_delay)

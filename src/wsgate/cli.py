@@ -39,7 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port to listen on (default 8765)")
     s.add_argument("--dev", action="store_true", default=None, help="force dev mode")
-    s.add_argument("--app", choices=["demo", "echo", "noop"], help="built-in agent (default demo)")
+    s.add_argument(
+        "--app",
+        choices=["demo", "echo", "noop"],
+        help="built-in app: the demo agent (default), a no-op agent, or a raw WebSocket echo",
+    )
+    s.add_argument(
+        "--demo", action="store_true", default=None, help="admit clients without a token (demo policy)"
+    )
     s.add_argument("--policy", choices=["strict", "tolerant", "local", "demo"], help="admission policy")
     s.add_argument("--introspection-url", help="RFC 7662 introspection endpoint of the auth service")
     s.add_argument("--jwks-url", help="JWKS URL to take verification keys from")
@@ -85,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
             "server.port": args.port,
             "dev.enabled": args.dev,
             "agent.name": args.app,
-            "auth.policy": args.policy,
+            "auth.policy": "demo" if args.demo else args.policy,
             "auth.introspection_url": args.introspection_url,
             "auth.jwks_url": args.jwks_url,
             "admin.port": args.admin_port,

@@ -238,6 +238,12 @@ class Gateway:
                 return
             admission, lease = admitted
         self.stats["handshake.admitted"] += 1
+        if self.settings.agent.name == "echo":
+            try:
+                await _echo(opened.ws)
+            finally:
+                lease.release()
+            return
         session = self.new_session(opened.ws, admission)
         lease.attach(session)
         log.info(
@@ -606,3 +612,13 @@ async def serve(
 def _peer(request: WebSocketRequest) -> str:
     remote = request.remote
     return str(getattr(remote, "address", "local"))
+
+
+async def _echo(ws: WebSocketConnection) -> None:
+    """The raw echo app (``--app echo``): every message back as it came, nothing else.
+
+    For protocol-conformance runs and load tests; no wsgate.v1 messages are sent.
+    """
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await ws.send_message(await ws.get_message())
