@@ -316,3 +316,38 @@ async def test_a_token_in_the_request_still_wins_in_first_message_mode(
                 pass  # pragma: no cover
         async with h.connect(h.token("bob")) as client:
             assert (await client.receive_json())["subject"] == "bob"
+
+
+async def test_cookie_token_needs_an_allowed_origin(autojump_clock: trio.testing.MockClock) -> None:
+    settings = settings_for_tests(**{"auth.cookie": True, "auth.allowed_origins": "https://app.example"})
+    async with open_harness(settings) as h:
+        cookie = (b"cookie", f"theme=dark; wsgate_token={h.token('erin')}".encode())
+        async with h.connect(headers=[cookie, (b"origin", b"https://app.example")]) as client:
+            assert (await client.receive_json())["subject"] == "erin"
+        for headers in ([cookie], [cookie, (b"origin", b"https://evil.example")]):
+            with pytest.raises(ConnectionRejected) as refused:
+                async with h.connect(headers=headers):
+                    pass  # pragma: no cover
+            assert refused.value.status_code == 403
+
+
+async def test_query_token_only_when_switched_on(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_harness() as h:
+        with pytest.raises(ConnectionRejected) as refused:
+            async with h.connect(path=f"/ws?access_token={h.token('frank')}"):
+                pass  # pragma: no cover
+        assert refused.value.status_code == 401
+    async with open_harness(settings_for_tests(**{"auth.query_param": True})) as h:
+        async with h.connect(path=f"/ws?access_token={h.token('frank')}") as client:
+            assert (await client.receive_json())["subject"] == "frank"
+        with pytest.raises(ConnectionRejected) as two:
+            async with h.connect(h.token("grace"), path=f"/ws?access_token={h.token('frank')}"):
+                pass  # pragma: no cover
+        assert two.value.status_code == 400
+
+
+def test_cookie_without_origins_is_refused_at_start() -> None:
+    from wsgate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"auth\.allowed_origins: required when auth\.cookie is on"):
+        settings_for_tests(**{"auth.cookie": True})
