@@ -1,0 +1,348 @@
+"""``python -m benchmarks [--quick]``: wsgate against the bare stack and a peer, in one run.
+
+Servers run in their own processes on 127.0.0.1; this process is the client
+(the ``websockets`` asyncio client for all three, so the client's cost is the
+same on every side of a ratio). Results are printed as a table and written to
+``benchmarks/results/latest.json``. Absolute numbers depend on the machine;
+the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import websockets
+
+from .servers import AUDIENCE, ISSUER, SECRET
+
+ROOT = Path(__file__).resolve().parent.parent
+WSGATE_ENV = {
+    "WSGATE_AUTH__HMAC_SECRET": SECRET,
+    "WSGATE_AUTH__ISSUER": ISSUER,
+    "WSGATE_AUTH__AUDIENCE": AUDIENCE,
+    "WSGATE_AUTH__POLICY": "local",
+    "WSGATE_SERVER__HANDSHAKE_RATE": "1000000",
+    "WSGATE_SERVER__HANDSHAKE_BURST": "1000000",
+    "WSGATE_SERVER__MESSAGE_RATE": "1000000",
+    "WSGATE_SERVER__MESSAGE_BURST": "1000000",
+    "WSGATE_SERVER__MAX_CONNECTIONS": "100000",
+    "WSGATE_SERVER__MAX_CONNECTIONS_PER_USER": "100000",
+    "WSGATE_SERVER__HEARTBEAT_INTERVAL": "0",
+    "WSGATE_LOG__LEVEL": "warning",
+}
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
+        assert self.proc.stdout is not None
+        port = None
+        while port is None:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{name} did not start")
+            match = re.search(r"port (\d+)|listening on ws://[^:]+:(\d+)", line)
+            if match:
+                port = int(match.group(1) or match.group(2))
+        self.url = f"ws://127.0.0.1:{port}/ws"
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        return int(match.group(1)) if match else 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_all() -> dict[str, Server]:
+    return {
+        "wsgate": Server(
+            "wsgate",
+            [sys.executable, "-m", "wsgate", "serve", "--port", "0", "--app", "noop"],
+            WSGATE_ENV,
+        ),
+        "bare trio-websocket": Server("bare", [sys.executable, "-m", "benchmarks.servers", "bare"]),
+        "websockets + pyjwt": Server("peer", [sys.executable, "-m", "benchmarks.servers", "peer"]),
+    }
+
+
+def token(subject: str) -> str:
+    now = int(time.time())
+    payload = {"sub": subject, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 3600}
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+def headers(subject: str = "bench") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(subject)}"}
+
+
+def progress(label: str) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        end = "\n" if done >= total else ""
+        if sys.stdout.isatty() or done >= total:
+            print(
+                f"\r  {label:<42} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+                end=end,
+                flush=True,
+            )
+
+    return show
+
+
+async def handshakes(url: str, seconds: float, concurrency: int, show: Callable[[int, int], None]) -> float:
+    """Handshakes per second: connect, admit, ready message, close."""
+    auth = headers()
+    done = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            async with websockets.connect(url, additional_headers=auth, compression=None) as ws:
+                await ws.recv()
+            done += 1
+
+    start = time.monotonic()
+    ticker = asyncio.create_task(_tick(lambda: int(time.monotonic() - start), int(seconds), show))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    ticker.cancel()
+    show(int(seconds), int(seconds))
+    return done / (time.monotonic() - start)
+
+
+async def _tick(now: Callable[[], int], total: int, show: Callable[[int, int], None]) -> None:
+    while True:
+        show(min(now(), total), total)
+        await asyncio.sleep(0.5)
+
+
+async def latency(
+    url: str, rounds: int, message: str, until: str | None, show: Callable[[int, int], None]
+) -> dict[str, float]:
+    """Round-trip times in ms: one request, everything up to the terminal reply."""
+    samples = []
+    async with websockets.connect(url, additional_headers=headers(), compression=None) as ws:
+        await ws.recv()
+        for i in range(rounds):
+            start = time.perf_counter()
+            await ws.send(message)
+            while True:
+                reply = await ws.recv()
+                if until is None or until in str(reply):
+                    break
+            samples.append((time.perf_counter() - start) * 1000)
+            if i % 100 == 0:
+                show(i, rounds)
+    show(rounds, rounds)
+    samples.sort()
+    return {"p50_ms": statistics.median(samples), "p99_ms": samples[int(len(samples) * 0.99) - 1]}
+
+
+async def throughput(
+    url: str, connections: int, messages: int, message: str, show: Callable[[int, int], None]
+) -> float:
+    """Messages per second through request/reply, pipelined per connection."""
+    done = 0
+
+    async def one() -> None:
+        nonlocal done
+        async with websockets.connect(
+            url, additional_headers=headers(), compression=None, max_queue=None
+        ) as ws:
+            await ws.recv()
+
+            async def send() -> None:
+                for _ in range(messages):
+                    await ws.send(message)
+
+            sender = asyncio.create_task(send())
+            for _ in range(messages):
+                await ws.recv()
+                done += 1
+            await sender
+
+    start = time.monotonic()
+    ticker = asyncio.create_task(_tick(lambda: done, connections * messages, show))
+    await asyncio.gather(*(one() for _ in range(connections)))
+    ticker.cancel()
+    show(connections * messages, connections * messages)
+    return connections * messages / (time.monotonic() - start)
+
+
+async def idle_memory(server: Server, count: int, show: Callable[[int, int], None]) -> float:
+    """Resident memory per idle authenticated connection, in KiB."""
+    before = server.rss_kib()
+    held = []
+    auth = headers()
+    for i in range(count):
+        ws = await websockets.connect(
+            server.url, additional_headers=auth, compression=None, ping_interval=None
+        )
+        await ws.recv()
+        held.append(ws)
+        if i % 200 == 0:
+            show(i, count)
+    show(count, count)
+    await asyncio.sleep(1)
+    after = server.rss_kib()
+    await asyncio.gather(*(ws.close() for ws in held))
+    return (after - before) / count
+
+
+def breaker_decisions(seconds: float) -> float:
+    """Permit + report pairs per second through the breaker actor."""
+    import trio
+
+    from wsgate.breaker import Outcome
+    from wsgate.breaker_actor import BreakerActor
+
+    async def run() -> float:
+        actor = BreakerActor()
+        count = 0
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            start = trio.current_time()
+            while trio.current_time() - start < seconds:
+                permit = await actor.acquire()
+                assert permit is not None
+                actor.report(permit, Outcome.SUCCESS)
+                count += 1
+            nursery.cancel_scope.cancel()
+        return count / seconds
+
+    return float(trio.run(run))
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
+async def measure(quick: bool) -> dict[str, Any]:
+    servers = start_all()
+    results: dict[str, Any] = {}
+    ping = json.dumps({"type": "ping"})
+    run_message = json.dumps({"type": "user_message", "text": "hi"})
+    plan: list[tuple[str, Callable[[str, Server], Awaitable[Any]]]] = [
+        (
+            "handshakes_per_s",
+            lambda name, s: handshakes(s.url, 3 if quick else 10, 8, progress(f"handshakes  {name}")),
+        ),
+        (
+            "round_trip",
+            lambda name, s: latency(
+                s.url,
+                300 if quick else 3000,
+                run_message if name == "wsgate" else ping,
+                "agent_completed" if name == "wsgate" else None,
+                progress(f"round trip  {name}"),
+            ),
+        ),
+        (
+            "msgs_per_s_1_conn",
+            lambda name, s: throughput(
+                s.url, 1, 2000 if quick else 20000, ping, progress(f"1 conn      {name}")
+            ),
+        ),
+        (
+            "msgs_per_s_100_conns",
+            lambda name, s: throughput(
+                s.url, 100, 50 if quick else 400, ping, progress(f"100 conns   {name}")
+            ),
+        ),
+        (
+            "idle_kib_per_conn_1000",
+            lambda name, s: idle_memory(s, 1000, progress(f"1,000 idle  {name}")),
+        ),
+    ]
+    if not quick:
+        plan.append(
+            (
+                "idle_kib_per_conn_10000",
+                lambda name, s: idle_memory(s, 10000, progress(f"10,000 idle {name}")),
+            )
+        )
+    try:
+        for metric, run in plan:
+            for name, server in servers.items():
+                results.setdefault(metric, {})[name] = await run(name, server)
+    finally:
+        for server in servers.values():
+            server.stop()
+    results["breaker_decisions_per_s"] = {"wsgate": breaker_decisions(1 if quick else 5)}
+    return results
+
+
+def report(results: dict[str, Any], quick: bool) -> None:
+    def value(v: Any) -> float:
+        return float(v["p50_ms"]) if isinstance(v, dict) else float(v)
+
+    print(
+        f"\nwsgate benchmarks ({'quick' if quick else 'full'}) on {platform.node()}, {os.cpu_count()} cores"
+    )
+    print(f"{'metric':<26}{'wsgate':>12}{'bare trio-ws':>14}{'ws + pyjwt':>12}{'vs bare':>10}{'vs peer':>10}")
+    for metric, by in results.items():
+        ours = by.get("wsgate")
+        bare = by.get("bare trio-websocket")
+        peer = by.get("websockets + pyjwt")
+        cells = [f"{value(x):>12.1f}" if x is not None else f"{'-':>12}" for x in (ours, bare, peer)]
+        ratios = [f"{value(ours) / value(x):>10.2f}" if x and ours else f"{'-':>10}" for x in (bare, peer)]
+        print(f"{metric:<26}{cells[0]}{cells[1]:>14}{cells[2]}{ratios[0]}{ratios[1]}")
+        if isinstance(ours, dict):
+            p99 = [f"{x['p99_ms']:.2f}" for x in (ours, bare, peer) if x]
+            print(f"{'  (p99 ms)':<26}" + "".join(f"{p:>12}" for p in p99))
+    print(
+        "round_trip: wsgate is user_message -> agent_completed (no-op agent, 5 events); the others echo once."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    args = parser.parse_args()
+    raise_fd_limit()
+    results = asyncio.run(measure(args.quick))
+    report(results, args.quick)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    document = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "quick": args.quick,
+        "results": results,
+    }
+    (out / "latest.json").write_text(json.dumps(document, indent=2))
+    print(f"written to {out / 'latest.json'}")
+
+
+if __name__ == "__main__":
+    main()

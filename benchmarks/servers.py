@@ -1,0 +1,70 @@
+"""The servers compared by the benchmarks, each run as its own process.
+
+``python -m benchmarks.servers bare|peer`` prints ``port N`` once listening:
+- ``bare``: trio-websocket alone, the floor of our stack: accept, send a ready
+  message, echo every message;
+- ``peer``: what a user would write instead with the ``websockets`` (asyncio)
+  package: the same pyjwt HS256 verification before accepting, then the same.
+wsgate itself runs as ``wsgate serve --app noop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import sys
+
+import jwt
+import trio
+import trio_websocket
+import websockets
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+SECRET = "benchmark-secret-hs256-0123456789abcdef"
+ISSUER, AUDIENCE = "bench", "wsgate"
+READY = '{"type":"session.ready"}'
+
+
+async def bare() -> None:
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            await ws.send_message(READY)
+            while True:
+                await ws.send_message(await ws.get_message())
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+        print(f"port {server.port}", flush=True)
+
+
+async def peer() -> None:
+    def verify(connection: ServerConnection, request: Request) -> Response | None:
+        header = request.headers.get("Authorization", "")
+        try:
+            jwt.decode(
+                header.removeprefix("Bearer "), SECRET, algorithms=["HS256"], issuer=ISSUER, audience=AUDIENCE
+            )
+        except jwt.PyJWTError:
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "invalid token\n")
+        return None
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(READY)
+        async for message in ws:
+            await ws.send(message)
+
+    async with websockets.serve(handler, "127.0.0.1", 0, process_request=verify, max_queue=64) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        print(f"port {port}", flush=True)
+        await asyncio.Future()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "bare":
+        trio.run(bare)
+    else:
+        asyncio.run(peer())
