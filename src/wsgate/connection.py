@@ -1,0 +1,309 @@
+"""Serving one connection: the upgrade request, admission, first-message auth, the session.
+
+``ConnectionServer.handle_stream`` serves one connection over any Trio stream, so
+the same code runs behind the TCP listener and over in-memory streams in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from .errors import CloseCode, Forbidden, GatewayError, NotFound, TooManyRequests, Unavailable
+from .handshake import Admission, Pending, reject_headers
+from .protocol import Auth, ProtocolError, encode, parse_client_message
+from .ratelimit import RateLimiter
+from .registry import Lease
+from .sources import extract_credentials
+from .streams import RESPONSE_431, GuardedStream
+from .tokens import TokenSource
+from .wsconn import wrap_server_stream
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = logging.getLogger("wsgate.server")
+
+
+@attrs.frozen
+class _Opened:
+    """An upgraded connection; admission and lease are None until first-message auth."""
+
+    ws: WebSocketConnection
+    admission: Admission | None
+    lease: Lease | None
+
+
+class ConnectionServer:
+    """The per-connection half of the gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        server = gateway.settings.server
+        self._handshakes = RateLimiter(server.handshake_rate, server.handshake_burst)
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection over ``stream``, from the HTTP upgrade to the close.
+
+        Never raises (except Cancelled): whatever goes wrong ends this connection only.
+        """
+        try:
+            async with stream, trio.open_nursery() as nursery:
+                await self._serve_connection(nursery, stream)
+                nursery.cancel_scope.cancel()
+        except Exception:
+            self._gateway.stats["connection.bug"] += 1
+            log.exception("connection failed", extra={"event": "connection.error"})
+
+    async def _serve_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
+        server = self._gateway.settings.server
+        guarded = GuardedStream(
+            stream, max_head_bytes=server.max_header_bytes, max_head_lines=server.max_headers
+        )
+        opened: _Opened | None = None
+        started = trio.current_time()
+        with trio.move_on_after(server.handshake_timeout) as deadline:
+            request = await self._read_request(nursery, guarded)
+            if request is None:
+                return
+            opened = await self._open(request, guarded)
+        if deadline.cancelled_caught:
+            if opened is not None and opened.lease is not None:
+                opened.lease.release()
+            self._gateway.stats["handshake.timeout"] += 1
+            log.info("handshake timed out", extra={"event": "handshake.timeout"})
+            return
+        self._gateway.metrics.handshake_seconds.observe(trio.current_time() - started)
+        if opened is None:
+            return
+        admission, lease = opened.admission, opened.lease
+        if admission is None or lease is None:
+            admitted = await self._first_message(opened.ws)
+            if admitted is None:
+                return
+            admission, lease = admitted
+        self._gateway.stats["handshake.admitted"] += 1
+        if self._gateway.settings.agent.name == "echo":
+            try:
+                await _echo(opened.ws)
+            finally:
+                lease.release()
+            return
+        session = self._gateway.new_session(opened.ws, admission)
+        lease.attach(session)
+        log.info(
+            "session opened",
+            extra={
+                "event": "session.opened",
+                "session": session.id,
+                "subject": session.identity.subject_hash,
+                "outcome": "degraded"
+                if session.degraded
+                else "anonymous"
+                if session.identity.anonymous
+                else "normal",
+            },
+        )
+        try:
+            await session.run()
+        finally:
+            lease.release()
+            if session.close_code is not None:
+                self._gateway.stats[f"close.{int(session.close_code)}"] += 1
+
+    async def _read_request(self, nursery: trio.Nursery, stream: GuardedStream) -> WebSocketRequest | None:
+        """The upgrade request; None (after answering 431, or not at all) if it never comes."""
+        request: WebSocketRequest | None = None
+        async with trio.open_nursery() as race:
+
+            async def read() -> None:
+                nonlocal request
+                request = await wrap_server_stream(
+                    nursery,
+                    stream,
+                    message_queue_size=4,
+                    max_message_size=self._gateway.settings.server.max_message_bytes,
+                )
+                race.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await stream.oversized.wait()
+                race.cancel_scope.cancel()
+
+            async def gone() -> None:
+                await stream.gone.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(read)
+            race.start_soon(watch)
+            race.start_soon(gone)
+        if request is None:
+            outcome = "431" if stream.oversized.is_set() else "abandoned"
+            self._gateway.stats[f"handshake.{outcome}"] += 1
+            if stream.oversized.is_set():
+                log.info("handshake refused", extra={"event": "handshake.refused", "status": 431})
+                await stream.reply_raw(RESPONSE_431)
+        return request
+
+    async def _open(self, request: WebSocketRequest, stream: GuardedStream) -> _Opened | None:
+        """Admit and upgrade, or refuse with the HTTP status; None when refused or abandoned."""
+        lease: Lease | None = None
+        try:
+            admission = await self._admit_unless_gone(request, stream)
+            if admission is None:
+                self._gateway.stats["handshake.abandoned"] += 1
+                return None
+            if isinstance(admission, Admission):
+                lease = self._gateway.registry.lease(admission.identity.user_key)
+        except GatewayError as error:
+            self._gateway.stats[f"handshake.{error.status}"] += 1
+            log.info(
+                "handshake refused",
+                extra={"event": "handshake.refused", "status": error.status, "reason": error.reason},
+            )
+            await request.reject(
+                error.status, extra_headers=reject_headers(error), body=error.reason.encode() + b"\n"
+            )
+            return None
+        try:
+            ws = await request.accept(subprotocol=admission.subprotocol)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        if isinstance(admission, Pending):
+            return _Opened(ws, None, None)
+        return _Opened(ws, admission, lease)
+
+    async def _first_message(self, ws: WebSocketConnection) -> tuple[Admission, Lease] | None:
+        """First-message auth: the only message allowed is ``auth``, within the timeout."""
+        auth = self._gateway.settings.auth
+        try:
+            with trio.fail_after(auth.first_message_timeout):
+                raw = await ws.get_message()
+        except trio.TooSlowError:
+            await self._refuse_open(
+                ws, CloseCode.AUTH_TIMEOUT, "no auth message in time", "first_message.timeout"
+            )
+            return None
+        except ConnectionClosed:
+            return None
+        try:
+            message = parse_client_message(raw, max_depth=self._gateway.settings.server.max_json_depth)
+        except ProtocolError:
+            message = None
+        if not isinstance(message, Auth):
+            await self._refuse_open(
+                ws, CloseCode.UNAUTHORIZED, "the first message must be auth", "first_message.401"
+            )
+            return None
+        try:
+            with trio.fail_after(auth.deadline + 1):
+                result = await self._gateway.auth.authenticate(message.token, TokenSource.FIRST_MESSAGE)
+            admission = Admission(
+                result.identity, ws.subprotocol, result.degraded, token=self._gateway._kept(message.token)
+            )
+            lease = self._gateway.registry.lease(result.identity.user_key)
+        except GatewayError as error:
+            await self._refuse_open(ws, error.close_code, error.reason, f"first_message.{error.status}")
+            return None
+        except trio.TooSlowError:
+            await self._refuse_open(
+                ws, CloseCode.TRY_AGAIN_LATER, "authentication timed out", "first_message.503"
+            )
+            return None
+        return admission, lease
+
+    async def _refuse_open(self, ws: WebSocketConnection, code: CloseCode, reason: str, stat: str) -> None:
+        self._gateway.stats[stat] += 1
+        log.info(
+            "first-message auth refused",
+            extra={"event": "handshake.refused", "code": int(code), "reason": reason},
+        )
+        with trio.move_on_after(self._gateway.settings.server.close_timeout) as cleanup:
+            cleanup.shield = True
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send_message(
+                    encode({"type": "error", "code": "auth_failed", "message": reason, "seq": 1})
+                )
+            await ws.aclose(int(code), reason)
+
+    async def _admit_unless_gone(
+        self, request: WebSocketRequest, stream: GuardedStream
+    ) -> Admission | Pending | None:
+        """Admission, cancelled (returning None) if the client leaves meanwhile."""
+        admission: Admission | Pending | None = None
+        refusal: GatewayError | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await stream.gone.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                admission = await self.admit(request)
+            except GatewayError as exc:  # raised here, not wrapped in the nursery's group
+                refusal = exc
+            nursery.cancel_scope.cancel()
+        if refusal is not None:
+            raise refusal
+        return admission
+
+    async def admit(self, request: WebSocketRequest) -> Admission | Pending:
+        """Decide on one upgrade request, or raise the :class:`GatewayError` to answer with."""
+        if self._gateway.draining:
+            raise Unavailable(
+                "server is draining", retry_after=self._gateway.settings.server.drain_reconnect_jitter or 1
+            )
+        peer = _peer(request)
+        if not self._handshakes.allow(peer, trio.current_time()):
+            raise TooManyRequests(
+                "too many handshakes from this address", retry_after=self._handshakes.retry_after(peer)
+            )
+        if urlsplit(request.path).path != self._gateway.settings.server.path:
+            raise NotFound("no WebSocket endpoint at this path")
+        auth = self._gateway.settings.auth
+        origin = next((v.decode("latin-1") for k, v in request.headers if k.lower() == b"origin"), None)
+        if auth.allowed_origins and origin is not None and origin not in auth.allowed_origins:
+            raise Forbidden("origin not allowed")
+        credentials = extract_credentials(
+            request.headers,
+            request.proposed_subprotocols,
+            header=auth.header,
+            subprotocol=auth.subprotocol,
+            cookie=auth.cookie_name if auth.cookie else None,
+            target=request.path if auth.query_param else None,
+        )
+        if credentials.source is TokenSource.COOKIE and origin is None:
+            raise Forbidden("a cookie token needs an Origin header")
+        if credentials.token is None and self._gateway.settings.auth.first_message:
+            return Pending(credentials.subprotocol)
+        result = await self._gateway.auth.authenticate(credentials.token, credentials.source)
+        return Admission(
+            result.identity,
+            credentials.subprotocol,
+            result.degraded,
+            token=self._gateway._kept(credentials.token or ""),
+        )
+
+
+def _peer(request: WebSocketRequest) -> str:
+    remote = request.remote
+    return str(getattr(remote, "address", "local"))
+
+
+async def _echo(ws: WebSocketConnection) -> None:
+    """The raw echo app (``--app echo``): every message back as it came, nothing else.
+
+    For protocol-conformance runs and load tests; no wsgate.v1 messages are sent.
+    """
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await ws.send_message(await ws.get_message())
