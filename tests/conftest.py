@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import subprocess
@@ -103,3 +105,10 @@ def start_fake_auth() -> tuple[subprocess.Popen[str], str]:
         proc.kill()
         raise AssertionError("fake auth service did not start: " + line)
     return proc, match.group(1)
+
+
+async def recv(ws: Any) -> dict[str, Any]:
+    """The next message of a ``websockets`` client, as JSON, within 10 s."""
+    async with asyncio.timeout(10):
+        message: dict[str, Any] = json.loads(await ws.recv())
+    return message

@@ -12,7 +12,7 @@ import pytest
 import websockets
 from websockets.typing import Subprotocol
 
-from conftest import Server, start_server, stop
+from conftest import Server, recv, start_server, stop
 from wsgate.tokens import mint_token
 
 
@@ -33,12 +33,6 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
     )
     yield DevServer(server)
     stop(server)
-
-
-async def recv(ws: Any) -> dict[str, Any]:
-    async with asyncio.timeout(10):
-        message: dict[str, Any] = json.loads(await ws.recv())
-    return message
 
 
 async def close_code(ws: Any) -> int | None:

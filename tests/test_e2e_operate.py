@@ -81,25 +81,24 @@ def test_health_metrics_and_logs_without_tokens(tmp_path: Path) -> None:
         assert secret_text not in err
 
 
-def test_check_config_prints_masked_settings_and_names_bad_ones(tmp_path: Path) -> None:
-    config = tmp_path / "wsgate.toml"
-    config.write_text('[auth]\nhmac_secret = "a-secret-that-must-never-be-printed-ok"\n')
-    ok = subprocess.run(
+def check_config(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "wsgate", "check-config", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_check_config_prints_masked_settings_and_names_bad_ones(tmp_path: Path) -> None:
+    config = tmp_path / "wsgate.toml"
+    config.write_text('[auth]\nhmac_secret = "a-secret-that-must-never-be-printed-ok"\n')
+    ok = check_config(config)
     assert ok.returncode == 0
     assert "auth.hmac_secret = ***" in ok.stdout
     assert "a-secret-that-must-never-be-printed-ok" not in ok.stdout
     config.write_text('[server]\nport = "eighty"\nhandshake_timeout = -1\n[auth]\nleeway = 9000\n')
-    bad = subprocess.run(
-        [sys.executable, "-m", "wsgate", "check-config", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    bad = check_config(config)
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert any("server.port" in line for line in lines)

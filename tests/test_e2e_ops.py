@@ -14,7 +14,7 @@ import httpx
 import pytest
 import websockets
 
-from conftest import Server, start_server, stop
+from conftest import Server, recv, start_server, stop
 from wsgate.tokens import mint_token
 
 API_KEY = "an-admin-api-key-for-tests"
@@ -53,12 +53,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     assert server.admin is not None
     yield Gateway(server)
     stop(server)
-
-
-async def recv(ws: Any) -> dict[str, Any]:
-    async with asyncio.timeout(10):
-        message: dict[str, Any] = json.loads(await ws.recv())
-    return message
 
 
 def test_admin_push_reaches_only_its_user(gateway: Gateway) -> None:

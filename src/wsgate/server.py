@@ -83,21 +83,8 @@ class Gateway:
         self._rng = random.Random()
         self.metrics = Metrics(self)
         self.connections = ConnectionServer(self)
-        b = settings.breaker
-        self.breaker = BreakerActor(
-            CircuitBreaker(
-                BreakerConfig(
-                    window=b.window,
-                    min_calls=b.min_calls,
-                    failure_rate=b.failure_rate,
-                    slow_call_duration=b.slow_call_duration,
-                    slow_call_rate=b.slow_call_rate,
-                    open_wait=b.open_wait,
-                    half_open_calls=b.half_open_calls,
-                    max_concurrent_calls=b.max_concurrent_calls,
-                )
-            )
-        )
+        # BreakerSettings (validated configuration) and BreakerConfig (the pure machine's) share field names.
+        self.breaker = BreakerActor(CircuitBreaker(BreakerConfig(**attrs.asdict(settings.breaker))))
         needs_http = bool(auth.introspection_url or auth.jwks_url or auth.discovery)
         self.http = http or (httpx.AsyncClient(timeout=auth.deadline * 2) if needs_http else None)
         self._owns_http = http is None and self.http is not None
