@@ -394,6 +394,19 @@ async def _tiny_fragments(client: RawClient) -> None:
 case("message: 1 MB in tiny fragments")(closes_with(1009, _tiny_fragments))
 
 
+async def _many_small_fragments(client: RawClient) -> None:
+    await client.send_raw(frame(0x1, b"[", fin=False))
+    with trio.move_on_after(5):
+        for _ in range(40):  # 2,000 one-byte fragments: far under the size limit, over the count
+            try:
+                await client.send_raw(frame(0x0, b" ", fin=False) * 50)
+            except trio.BrokenResourceError:
+                return
+
+
+case("message: more fragments than allowed")(closes_with(1009, _many_small_fragments))
+
+
 async def _flood(client: RawClient) -> None:
     with trio.move_on_after(5):
         for _ in range(200):

@@ -64,6 +64,7 @@ class ServerSettings:
     message_rate: float = attrs.field(default=50.0, validator=_positive())
     message_burst: int = attrs.field(default=100, validator=_positive())
     max_message_bytes: int = attrs.field(default=65536, validator=_between(128, 16 * 1024 * 1024))
+    max_fragments: int = attrs.field(default=1024, validator=_between(1, 1_000_000))
     send_queue_messages: int = attrs.field(default=256, validator=_positive())
     send_queue_bytes: int = attrs.field(default=1024 * 1024, validator=_between(1024, 1024**3))
     slow_consumer_timeout: float = attrs.field(default=10.0, validator=_positive())

@@ -129,6 +129,7 @@ class ConnectionServer:
                     stream,
                     message_queue_size=4,
                     max_message_size=self._gateway.settings.server.max_message_bytes,
+                    max_fragments=self._gateway.settings.server.max_fragments,
                 )
                 race.cancel_scope.cancel()
 

@@ -5,7 +5,7 @@ a ``CloseConnection`` carrying the right code (1007, 1002) but leaves the
 connection open, so trio-websocket drops the TCP connection without a close
 frame and the client never learns why. Marking the connection as closed by
 the remote side makes trio-websocket answer with that code first, as RFC 6455
-asks.
+asks. It also caps the fragments of one message (1009 beyond the cap).
 """
 
 from __future__ import annotations
@@ -16,12 +16,23 @@ import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Event
+from wsproto.events import BytesMessage, CloseConnection, Event, TextMessage
 
 
 class _AnsweringWSConnection(WSConnection):
+    def __init__(self, connection_type: ConnectionType, max_fragments: int) -> None:
+        super().__init__(connection_type)
+        self._max_fragments = max_fragments
+        self._fragments = 0
+
     def events(self) -> Generator[Event, None, None]:
         for event in super().events():
+            if isinstance(event, TextMessage | BytesMessage):
+                # Bound the pieces of one message, not only its size: each piece costs an
+                # object of its own while trio-websocket assembles the message.
+                self._fragments = 0 if event.message_finished else self._fragments + 1
+                if self._fragments > self._max_fragments:
+                    event = CloseConnection(code=1009, reason="too many fragments")
             connection = self.connection
             if (
                 isinstance(event, CloseConnection)
@@ -30,15 +41,22 @@ class _AnsweringWSConnection(WSConnection):
             ):
                 connection._state = ConnectionState.REMOTE_CLOSING
             yield event
+            if isinstance(event, CloseConnection):
+                return
 
 
 async def wrap_server_stream(
-    nursery: trio.Nursery, stream: trio.abc.Stream, *, message_queue_size: int, max_message_size: int
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    *,
+    message_queue_size: int,
+    max_message_size: int,
+    max_fragments: int = 1024,
 ) -> WebSocketRequest:
     """Like ``trio_websocket.wrap_server_stream``, answering unparsable frames with their code."""
     connection = WebSocketConnection(
         stream,
-        _AnsweringWSConnection(ConnectionType.SERVER),
+        _AnsweringWSConnection(ConnectionType.SERVER, max_fragments),
         message_queue_size=message_queue_size,
         max_message_size=max_message_size,
     )
