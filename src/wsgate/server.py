@@ -57,6 +57,7 @@ class Gateway:
         verifier: TokenVerifier | None = None,
         clock: WallClock | None = None,
         http: httpx.AsyncClient | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self._nursery = nursery
@@ -80,7 +81,7 @@ class Gateway:
         self.addresses: list[tuple[str, int]] = []
         self.admin_port: int | None = None
         self.draining = False
-        self._rng = random.Random()
+        self._rng = rng or random.Random()
         self.metrics = Metrics(self)
         self.connections = ConnectionServer(self)
         # BreakerSettings (validated configuration) and BreakerConfig (the pure machine's) share field names.
@@ -315,10 +316,11 @@ async def open_gateway(
     verifier: TokenVerifier | None = None,
     clock: WallClock | None = None,
     http: httpx.AsyncClient | None = None,
+    rng: random.Random | None = None,
 ) -> AsyncIterator[Gateway]:
     """Run a gateway's background services; connections are served while inside."""
     async with trio.open_nursery() as nursery:
-        gateway = Gateway(settings, nursery, agent=agent, verifier=verifier, clock=clock, http=http)
+        gateway = Gateway(settings, nursery, agent=agent, verifier=verifier, clock=clock, http=http, rng=rng)
         try:
             await gateway._start()
             yield gateway

@@ -12,6 +12,7 @@ so ``trio.testing.MockClock(autojump_threshold=0)`` drives every deadline::
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -218,12 +219,21 @@ async def open_harness(
     secret: bytes = TEST_SECRET,
     epoch: float = TEST_EPOCH,
     http: httpx.AsyncClient | None = None,
+    seed: int = 0,
 ) -> AsyncIterator[GatewayHarness]:
-    """Run a gateway for the duration of the block (see :func:`settings_for_tests`)."""
+    """Run a gateway for the duration of the block (see :func:`settings_for_tests`).
+
+    Its randomness (retry jitter, reconnect hints) is seeded with ``seed``, so a run under
+    ``MockClock`` is reproduced exactly.
+    """
     async with (
         trio.open_nursery() as nursery,
         open_gateway(
-            settings or settings_for_tests(), agent=agent, clock=WallClock(epoch), http=http
+            settings or settings_for_tests(),
+            agent=agent,
+            clock=WallClock(epoch),
+            http=http,
+            rng=random.Random(seed),
         ) as gateway,
     ):
         yield GatewayHarness(gateway, nursery, secret)
