@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections import Counter, deque
 from typing import Any, Protocol
 
@@ -126,8 +125,12 @@ class Session:
 
     async def send(self, message: dict[str, Any]) -> None:
         """Queue one message; a consumer that stays full too long is closed (1008)."""
+        text = encode(message)
+        if self._outbound.put_nowait(text):
+            await trio.lowlevel.checkpoint()  # a send is always a checkpoint
+            return
         with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
-            await self._outbound.put(encode(message))
+            await self._outbound.put(text)
         if waited.cancelled_caught:
             self.stats["send.slow_consumer_closed"] += 1
             self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
@@ -237,16 +240,19 @@ class Session:
                 return
 
     async def _reader(self, nursery: trio.Nursery) -> None:
-        idle = self._settings.idle_timeout or math.inf
+        idle = self._settings.idle_timeout
         while True:
             try:
-                with trio.move_on_after(idle) as waited:
+                if idle:
+                    with trio.move_on_after(idle) as waited:
+                        raw = await self.ws.get_message()
+                    if waited.cancelled_caught:
+                        self.close(CloseCode.NORMAL, "idle timeout")
+                        return
+                else:
                     raw = await self.ws.get_message()
             except ConnectionClosed:
                 self._client_left()
-                return
-            if waited.cancelled_caught:
-                self.close(CloseCode.NORMAL, "idle timeout")
                 return
             if not self._message_rate.allow("", trio.current_time()):
                 self.close(CloseCode.RATE_LIMITED, "message rate exceeded")
