@@ -27,6 +27,7 @@ from typing import Any
 import jwt
 import websockets
 
+from .auth import FakeAuth, auth_path, outage
 from .servers import AUDIENCE, ISSUER, SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +68,7 @@ class Server:
             if match:
                 port = int(match.group(1) or match.group(2))
         self.url = f"ws://127.0.0.1:{port}/ws"
+        self.admin = ""
 
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -299,7 +301,66 @@ async def measure(quick: bool) -> dict[str, Any]:
         for server in servers.values():
             server.stop()
     results["breaker_decisions_per_s"] = {"wsgate": breaker_decisions(1 if quick else 5)}
+    results.update(await measure_auth(quick))
     return results
+
+
+def wsgate_with_auth(fake: FakeAuth, policy: str) -> Server:
+    env = {
+        **WSGATE_ENV,
+        "WSGATE_AUTH__POLICY": policy,
+        "WSGATE_AUTH__INTROSPECTION_URL": f"{fake.url}/introspect",
+        "WSGATE_AUTH__CLIENT_AUTH": "none",
+        "WSGATE_ADMIN__API_KEY": "benchmark-admin-api-key",
+        "WSGATE_ADMIN__PORT": "0",
+    }
+    server = Server(
+        f"wsgate {policy}", [sys.executable, "-m", "wsgate", "serve", "--port", "0", "--app", "noop"], env
+    )
+    assert server.proc.stdout is not None
+    match = re.search(r"admin listener on (http://\S+)", server.proc.stdout.readline())
+    server.admin = match.group(1) if match else ""
+    return server
+
+
+async def measure_auth(quick: bool) -> dict[str, Any]:
+    """Introspection handshakes (cold and warm cache), then the outage run per policy level."""
+    out: dict[str, Any] = {}
+    fake = FakeAuth()
+    try:
+        server = wsgate_with_auth(fake, "strict")
+        try:
+            print("  auth path: cold and warm cache", flush=True)
+            rates = await auth_path(server.url, quick)
+            out["introspection_handshakes_per_s"] = {
+                "wsgate cold": rates["cold_cache"],
+                "wsgate warm": rates["warm_cache"],
+            }
+        finally:
+            server.stop()
+        clients, down_for = (300, 4.0) if quick else (2000, 10.0)
+        for policy in ("strict", "tolerant"):
+            fake.control(mode="up")
+            server = wsgate_with_auth(fake, policy)
+            try:
+                print(f"  outage run: {clients} clients, {policy}, service down {down_for:.0f} s", flush=True)
+                out[f"outage_{policy}"] = await outage(server.url, server.admin, fake, clients, down_for)
+            finally:
+                server.stop()
+    finally:
+        fake.stop()
+    return out
+
+
+def report_outage(results: dict[str, Any]) -> None:
+    for key, run in results.items():
+        if not key.startswith("outage_"):
+            continue
+        print(f"{key}: {run['clients']} clients, outcomes {run['outcomes']}, auth calls {run['auth_calls']},")
+        print(
+            f"    1011 closes {run['closed_1011']}, degraded re-validated after "
+            f"{run['degraded_revalidated_after_s']} s, handshake p99 {run['handshake_p99_s']:.3f} s"
+        )
 
 
 def report(results: dict[str, Any], quick: bool) -> None:
@@ -311,6 +372,12 @@ def report(results: dict[str, Any], quick: bool) -> None:
     )
     print(f"{'metric':<26}{'wsgate':>12}{'bare trio-ws':>14}{'ws + pyjwt':>12}{'vs bare':>10}{'vs peer':>10}")
     for metric, by in results.items():
+        if metric.startswith("outage_"):
+            continue
+        if metric == "introspection_handshakes_per_s":
+            print(f"{'introspection hs/s cold':<26}{by['wsgate cold']:>12.1f}")
+            print(f"{'introspection hs/s warm':<26}{by['wsgate warm']:>12.1f}")
+            continue
         ours = by.get("wsgate")
         bare = by.get("bare trio-websocket")
         peer = by.get("websockets + pyjwt")
@@ -323,6 +390,7 @@ def report(results: dict[str, Any], quick: bool) -> None:
     print(
         "round_trip: wsgate is user_message -> agent_completed (no-op agent, 5 events); the others echo once."
     )
+    report_outage(results)
 
 
 def main() -> None:
