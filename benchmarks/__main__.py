@@ -28,6 +28,7 @@ import jwt
 import websockets
 
 from .auth import FakeAuth, auth_path, outage
+from .plot import plot_outage
 from .servers import AUDIENCE, ISSUER, SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -410,6 +411,10 @@ def main() -> None:
     }
     (out / "latest.json").write_text(json.dumps(document, indent=2))
     print(f"written to {out / 'latest.json'}")
+    if plot_outage(results, out / "outage.png"):
+        print(f"plot: {out / 'outage.png'}")
+    else:
+        print("plot: skipped (pip install -e '.[plot]' for matplotlib)")
 
 
 if __name__ == "__main__":
