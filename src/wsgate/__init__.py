@@ -1,6 +1,6 @@
 """wsgate: an authenticating WebSocket gateway for AI-agent products, on Trio."""
 
-from .agent import Agent, DemoAgent, EchoAgent, Emit, NoopAgent, RunContext
+from .agent import Agent, DemoAgent, Emit, NoopAgent, RunContext
 from .config import Settings, load_settings
 from .errors import (
     BadRequest,
@@ -25,7 +25,6 @@ __all__ = [
     "CloseCode",
     "ConfigError",
     "DemoAgent",
-    "EchoAgent",
     "Emit",
     "Forbidden",
     "Gateway",

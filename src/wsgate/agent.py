@@ -69,14 +69,6 @@ class DemoAgent:
 
 
 @attrs.frozen
-class EchoAgent:
-    """Answers with the message itself, in one ``agent_completed``."""
-
-    async def run(self, ctx: RunContext, message: str, emit: Emit) -> None:
-        await emit("agent_completed", status="ok", output=message)
-
-
-@attrs.frozen
 class NoopAgent:
     """The five events with no work between them: for benchmarks."""
 

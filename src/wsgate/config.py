@@ -231,9 +231,9 @@ class Settings:
             found.append(f"auth.client_secret: needed for client_auth = {auth.client_auth}")
         if auth.client_auth == "basic" and auth.introspection_url and not auth.client_id:
             found.append("auth.client_id: needed for client_auth = basic")
-        for name in ("introspection_url", "jwks_url", "issuer"):
+        for name in ("introspection_url", "jwks_url"):
             url = getattr(auth, name)
-            if url and name != "issuer" and not url.startswith(("http://", "https://")):
+            if url and not url.startswith(("http://", "https://")):
                 found.append(f"auth.{name}: must be an http:// or https:// URL")
         if auth.discovery and auth.issuer and not auth.issuer.startswith(("http://", "https://")):
             found.append("auth.issuer: must be an http:// or https:// URL for discovery")

@@ -72,11 +72,6 @@ class TooManyRequests(GatewayError):
     close_code = CloseCode.RATE_LIMITED
 
 
-class HeadersTooLarge(GatewayError):
-    status = 431
-    close_code = CloseCode.POLICY_VIOLATION
-
-
 class Unavailable(GatewayError):
     """We cannot decide now (auth service down under ``strict``, draining, overload)."""
 

@@ -22,13 +22,6 @@ class OutboundQueue:
         self._not_full.set()
         self._closed = False
 
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
     @property
     def full(self) -> bool:
         return len(self._items) >= self._max_messages or self._bytes >= self._max_bytes

@@ -16,15 +16,6 @@ PROTOCOL_VERSION = "wsgate.v1"
 AGENT_EVENTS = frozenset(
     {"agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"}
 )
-SERVER_TYPES = AGENT_EVENTS | {
-    "session.ready",
-    "session.draining",
-    "auth.expiring",
-    "auth.refreshed",
-    "pong",
-    "error",
-    "event",
-}
 MAX_ID_LENGTH = 128
 
 

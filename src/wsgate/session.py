@@ -111,11 +111,6 @@ class Session:
         """The current token, kept only where the auth service may re-check it."""
         return self._token
 
-    @property
-    def seq(self) -> int:
-        """The ``seq`` of the last message written to the socket."""
-        return self._seq
-
     def close(self, code: CloseCode, reason: str) -> None:
         """End the session with ``code``; the first call wins, later ones are ignored."""
         if self.close_code is None:
