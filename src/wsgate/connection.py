@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .server import Gateway
 
 log = logging.getLogger("wsgate.server")
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -119,31 +121,17 @@ class ConnectionServer:
 
     async def _read_request(self, nursery: trio.Nursery, stream: GuardedStream) -> WebSocketRequest | None:
         """The upgrade request; None (after answering 431, or not at all) if it never comes."""
-        request: WebSocketRequest | None = None
-        async with trio.open_nursery() as race:
-
-            async def read() -> None:
-                nonlocal request
-                request = await wrap_server_stream(
-                    nursery,
-                    stream,
-                    message_queue_size=4,
-                    max_message_size=self._gateway.settings.server.max_message_bytes,
-                    max_fragments=self._gateway.settings.server.max_fragments,
-                )
-                race.cancel_scope.cancel()
-
-            async def watch() -> None:
-                await stream.oversized.wait()
-                race.cancel_scope.cancel()
-
-            async def gone() -> None:
-                await stream.gone.wait()
-                race.cancel_scope.cancel()
-
-            race.start_soon(read)
-            race.start_soon(watch)
-            race.start_soon(gone)
+        server = self._gateway.settings.server
+        request = await _unless(
+            (stream.oversized, stream.gone),
+            lambda: wrap_server_stream(
+                nursery,
+                stream,
+                message_queue_size=4,
+                max_message_size=server.max_message_bytes,
+                max_fragments=server.max_fragments,
+            ),
+        )
         if request is None:
             outcome = "431" if stream.oversized.is_set() else "abandoned"
             self._gateway.stats[f"handshake.{outcome}"] += 1
@@ -239,23 +227,7 @@ class ConnectionServer:
         self, request: WebSocketRequest, stream: GuardedStream
     ) -> Admission | Pending | None:
         """Admission, cancelled (returning None) if the client leaves meanwhile."""
-        admission: Admission | Pending | None = None
-        refusal: GatewayError | None = None
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                await stream.gone.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
-            try:
-                admission = await self.admit(request)
-            except GatewayError as exc:  # raised here, not wrapped in the nursery's group
-                refusal = exc
-            nursery.cancel_scope.cancel()
-        if refusal is not None:
-            raise refusal
-        return admission
+        return await _unless((stream.gone,), lambda: self.admit(request))
 
     async def admit(self, request: WebSocketRequest) -> Admission | Pending:
         """Decide on one upgrade request, or raise the :class:`GatewayError` to answer with."""
@@ -293,6 +265,31 @@ class ConnectionServer:
             result.degraded,
             token=self._gateway._kept(credentials.token or ""),
         )
+
+
+async def _unless(events: Sequence[trio.Event], run: Callable[[], Awaitable[T]]) -> T | None:
+    """``await run()``, or None if one of ``events`` is set first (``run`` is then cancelled).
+
+    An exception from ``run`` propagates as itself, not wrapped in an exception group.
+    """
+    result: T | None = None
+    error: Exception | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def cancel_on(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(cancel_on, event)
+        try:
+            result = await run()
+        except Exception as exc:
+            error = exc
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result
 
 
 def _peer(request: WebSocketRequest) -> str:
