@@ -35,7 +35,7 @@ from .protocol import (
     encode,
     parse_client_message,
 )
-from .ratelimit import RateLimiter
+from .ratelimit import TokenBucket
 from .tokens import Identity
 
 log = logging.getLogger("wsgate.session")
@@ -82,7 +82,7 @@ class Session:
         self._refresh_lock = trio.StrictFIFOLock()
         self._refresh_limit = refresh_limit
         self._refresh_times: deque[float] = deque()
-        self._message_rate = RateLimiter(settings.message_rate, settings.message_burst)
+        self._message_rate = TokenBucket(settings.message_rate, settings.message_burst, trio.current_time())
         self.ws = ws
         self.identity = identity
         self.degraded = degraded
@@ -249,7 +249,7 @@ class Session:
             except ConnectionClosed:
                 self._client_left()
                 return
-            if not self._message_rate.allow("", trio.current_time()):
+            if not self._message_rate.take(trio.current_time()):
                 self.close(CloseCode.RATE_LIMITED, "message rate exceeded")
                 return
             try:
