@@ -429,13 +429,21 @@ case("message: auth after auth")(
 )
 
 
-async def bystander(port: int, stop: trio.Event, failures: list[str]) -> None:
+async def bystander(
+    port: int,
+    stop: trio.Event,
+    failures: list[str],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A well-behaved client: started once its session is ready, then pinging until ``stop``."""
     answer = await connect(port, token=good("bystander"))
     if answer.client is None:
         failures.append(f"bystander refused: {answer.status}")
+        task_status.started()
         return
     client = answer.client
     await client.message()
+    task_status.started()
     n = 0
     while not stop.is_set():
         n += 1
@@ -447,7 +455,7 @@ async def bystander(port: int, stop: trio.Event, failures: list[str]) -> None:
                 f"bystander ping {n} failed: {reply if not waited.cancelled_caught else 'timeout'}"
             )
             return
-        await trio.sleep(0.05)
+        await trio.sleep(0.05)  # pace the pings under the server's message rate
     await client.send(ev.TextMessage(data='{"type":"user_message","text":"still served"}'))
     with trio.move_on_after(5):
         while (reply := await client.message())["type"] != "agent_completed":
@@ -462,8 +470,7 @@ async def test_attack(servers: Servers, name: str) -> None:
     stop_event = trio.Event()
     failures: list[str] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(bystander, port_of(servers.main), stop_event, failures)
-        await trio.sleep(0.05)
+        await nursery.start(bystander, port_of(servers.main), stop_event, failures)
         with trio.fail_after(15):
             await CASES[name](servers)
         stop_event.set()
