@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
@@ -64,40 +64,18 @@ class ConnectionServer:
             log.exception("connection failed", extra={"event": "connection.error"})
 
     async def _serve_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
-        server = self._gateway.settings.server
-        guarded = GuardedStream(
-            stream, max_head_bytes=server.max_header_bytes, max_head_lines=server.max_headers
-        )
-        opened: _Opened | None = None
-        started = trio.current_time()
-        with trio.move_on_after(server.handshake_timeout) as deadline:
-            request = await self._read_request(nursery, guarded)
-            if request is None:
-                return
-            opened = await self._open(request, guarded)
-        if deadline.cancelled_caught:
-            if opened is not None and opened.lease is not None:
-                opened.lease.release()
-            self._gateway.stats["handshake.timeout"] += 1
-            log.info("handshake timed out", extra={"event": "handshake.timeout"})
+        admitted = await self._handshake(nursery, stream)
+        if admitted is None:
             return
-        self._gateway.metrics.handshake_seconds.observe(trio.current_time() - started)
-        if opened is None:
-            return
-        admission, lease = opened.admission, opened.lease
-        if admission is None or lease is None:
-            admitted = await self._first_message(opened.ws)
-            if admitted is None:
-                return
-            admission, lease = admitted
+        ws, admission, lease = admitted
         self._gateway.stats["handshake.admitted"] += 1
         if self._gateway.settings.agent.name == "echo":
             try:
-                await _echo(opened.ws)
+                await _echo(ws)
             finally:
                 lease.release()
             return
-        session = self._gateway.new_session(opened.ws, admission)
+        session = self._gateway.new_session(ws, admission)
         lease.attach(session)
         log.info(
             "session opened",
@@ -119,11 +97,46 @@ class ConnectionServer:
             if session.close_code is not None:
                 self._gateway.stats[f"close.{int(session.close_code)}"] += 1
 
+    async def _handshake(
+        self, nursery: trio.Nursery, stream: trio.abc.Stream
+    ) -> tuple[WebSocketConnection, Admission, Lease] | None:
+        """Upgrade and admit (at the upgrade or by first message); None if that did not happen.
+
+        A function of its own so that what only the handshake needs (the request, its
+        scopes) is freed when it returns instead of living as long as the connection.
+        """
+        server = self._gateway.settings.server
+        guarded = GuardedStream(
+            stream, max_head_bytes=server.max_header_bytes, max_head_lines=server.max_headers
+        )
+        opened: _Opened | None = None
+        started = trio.current_time()
+        with trio.move_on_after(server.handshake_timeout) as deadline:
+            request = await self._read_request(nursery, guarded)
+            if request is None:
+                return None
+            opened = await self._open(request, guarded)
+        if deadline.cancelled_caught:
+            if opened is not None and opened.lease is not None:
+                opened.lease.release()
+            self._gateway.stats["handshake.timeout"] += 1
+            log.info("handshake timed out", extra={"event": "handshake.timeout"})
+            return None
+        self._gateway.metrics.handshake_seconds.observe(trio.current_time() - started)
+        if opened is None:
+            return None
+        if opened.admission is None or opened.lease is None:
+            admitted = await self._first_message(opened.ws)
+            if admitted is None:
+                return None
+            return opened.ws, *admitted
+        return opened.ws, opened.admission, opened.lease
+
     async def _read_request(self, nursery: trio.Nursery, stream: GuardedStream) -> WebSocketRequest | None:
         """The upgrade request; None (after answering 431, or not at all) if it never comes."""
         server = self._gateway.settings.server
-        request = await _unless(
-            (stream.oversized, stream.gone),
+        request = await _unless_troubled(
+            stream,
             lambda: wrap_server_stream(
                 nursery,
                 stream,
@@ -133,9 +146,9 @@ class ConnectionServer:
             ),
         )
         if request is None:
-            outcome = "431" if stream.oversized.is_set() else "abandoned"
+            outcome = "431" if stream.oversized else "abandoned"
             self._gateway.stats[f"handshake.{outcome}"] += 1
-            if stream.oversized.is_set():
+            if stream.oversized:
                 log.info("handshake refused", extra={"event": "handshake.refused", "status": 431})
                 await stream.reply_raw(RESPONSE_431)
         return request
@@ -144,7 +157,7 @@ class ConnectionServer:
         """Admit and upgrade, or refuse with the HTTP status; None when refused or abandoned."""
         lease: Lease | None = None
         try:
-            admission = await self._admit_unless_gone(request, stream)
+            admission = await _unless_troubled(stream, lambda: self.admit(request))
             if admission is None:
                 self._gateway.stats["handshake.abandoned"] += 1
                 return None
@@ -223,12 +236,6 @@ class ConnectionServer:
                 )
             await ws.aclose(int(code), reason)
 
-    async def _admit_unless_gone(
-        self, request: WebSocketRequest, stream: GuardedStream
-    ) -> Admission | Pending | None:
-        """Admission, cancelled (returning None) if the client leaves meanwhile."""
-        return await _unless((stream.gone,), lambda: self.admit(request))
-
     async def admit(self, request: WebSocketRequest) -> Admission | Pending:
         """Decide on one upgrade request, or raise the :class:`GatewayError` to answer with."""
         if self._gateway.draining:
@@ -267,29 +274,18 @@ class ConnectionServer:
         )
 
 
-async def _unless(events: Sequence[trio.Event], run: Callable[[], Awaitable[T]]) -> T | None:
-    """``await run()``, or None if one of ``events`` is set first (``run`` is then cancelled).
+async def _unless_troubled(stream: GuardedStream, run: Callable[[], Awaitable[T]]) -> T | None:
+    """``await run()``, or None if the peer leaves (or overflows its head) first.
 
-    An exception from ``run`` propagates as itself, not wrapped in an exception group.
+    The stream cancels the scope itself when it sees that happen: no task waits for it.
     """
-    result: T | None = None
-    error: Exception | None = None
-    async with trio.open_nursery() as nursery:
-
-        async def cancel_on(event: trio.Event) -> None:
-            await event.wait()
-            nursery.cancel_scope.cancel()
-
-        for event in events:
-            nursery.start_soon(cancel_on, event)
+    with trio.CancelScope() as scope:
+        stream.watch(scope)
         try:
-            result = await run()
-        except Exception as exc:
-            error = exc
-        nursery.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    return result
+            return await run()
+        finally:
+            stream.watch(None)
+    return None
 
 
 def _peer(request: WebSocketRequest) -> str:

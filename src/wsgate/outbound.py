@@ -2,29 +2,48 @@
 
 Messages are queued already encoded (compact JSON objects); the writer adds
 the per-connection ``seq`` as it writes, so nothing is encoded twice.
+
+Every connection has one, idle or not, so it is kept small: a list with a
+read position instead of a deque, and the one waiting writer parked with
+``trio.lowlevel`` instead of an event that would be made anew each time the
+queue runs empty.
 """
 
 from __future__ import annotations
 
-from collections import deque
-
 import trio
+
+_COMPACT_AFTER = 64  # read items dropped from the list's front once this many are behind
 
 
 class OutboundQueue:
+    __slots__ = (
+        "_bytes",
+        "_closed",
+        "_head",
+        "_items",
+        "_max_bytes",
+        "_max_messages",
+        "_not_full",
+        "_waiter",
+    )
+
     def __init__(self, max_messages: int, max_bytes: int) -> None:
-        self._items: deque[str] = deque()
+        self._items: list[str] = []
+        self._head = 0  # items before this index have been taken
         self._bytes = 0
         self._max_messages = max_messages
         self._max_bytes = max_bytes
-        self._not_empty = trio.Event()
-        self._not_full = trio.Event()
-        self._not_full.set()
+        self._waiter: trio.lowlevel.Task | None = None  # the task parked in get()
+        self._not_full: trio.Event | None = None  # made when the queue fills: most never do
         self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
 
     @property
     def full(self) -> bool:
-        return len(self._items) >= self._max_messages or self._bytes >= self._max_bytes
+        return len(self) >= self._max_messages or self._bytes >= self._max_bytes
 
     def put_nowait(self, text: str) -> bool:
         """Queue ``text`` unless the queue is full (or closed); never blocks."""
@@ -32,8 +51,10 @@ class OutboundQueue:
             return False
         self._items.append(text)
         self._bytes += len(text)
-        self._not_empty.set()
-        if self.full:
+        if self._waiter is not None:
+            trio.lowlevel.reschedule(self._waiter)
+            self._waiter = None
+        if self._not_full is None and self.full:
             self._not_full = trio.Event()
         return True
 
@@ -42,31 +63,48 @@ class OutboundQueue:
         while not self.put_nowait(text):
             if self._closed:
                 return False
-            await self._not_full.wait()
+            await self.wait_not_full()
         return True
 
     async def wait_not_full(self) -> None:
-        await self._not_full.wait()
+        if self._not_full is not None:
+            await self._not_full.wait()
 
     def get_nowait(self) -> str | None:
-        if not self._items:
+        items = self._items
+        if self._head == len(items):
             return None
-        text = self._items.popleft()
+        text = items[self._head]
+        self._head += 1
+        if self._head == len(items):
+            items.clear()
+            self._head = 0
+        elif self._head >= _COMPACT_AFTER and 2 * self._head >= len(items):
+            del items[: self._head]
+            self._head = 0
         self._bytes -= len(text)
-        if not self._items:
-            self._not_empty = trio.Event()
-        if not self.full:
+        if self._not_full is not None and not self.full:
             self._not_full.set()
+            self._not_full = None
         return text
 
     async def get(self) -> str:
-        while True:
-            text = self.get_nowait()
-            if text is not None:
-                return text
-            await self._not_empty.wait()
+        """The next message, waiting for one; only one task may wait at a time."""
+        while (text := self.get_nowait()) is None:
+            if self._waiter is not None:
+                raise trio.BusyResourceError("another task is already waiting on this queue")
+            self._waiter = trio.lowlevel.current_task()
+
+            def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+                self._waiter = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return text
 
     def close(self) -> None:
         """Refuse further messages; what is queued can still be taken."""
         self._closed = True
-        self._not_full.set()
+        if self._not_full is not None:
+            self._not_full.set()
+            self._not_full = None

@@ -167,7 +167,7 @@ class Gateway:
         listeners = await trio.open_tcp_listeners(server.port, host=server.host)
         self.addresses = [listener.socket.getsockname()[:2] for listener in listeners]
         await trio.serve_listeners(
-            self.handle_stream, listeners, handler_nursery=self._nursery, task_status=task_status
+            self.connections.handle_stream, listeners, handler_nursery=self._nursery, task_status=task_status
         )
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:

@@ -8,7 +8,6 @@ within ``close_timeout``, and the WebSocket is closed with that code.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import Counter, deque
 from typing import Any, Protocol
@@ -58,6 +57,39 @@ class SessionHooks(Protocol):
 class Session:
     """Serves one authenticated WebSocket until it closes."""
 
+    # Slots, not a __dict__: an idle connection's footprint is mostly objects like this one.
+    __slots__ = (
+        "_agent",
+        "_client_gone",
+        "_draining",
+        "_dropped",
+        "_hooks",
+        "_last_run",
+        "_message_rate",
+        "_nursery",
+        "_outbound",
+        "_overflow_watch",
+        "_protocol_errors",
+        "_reconnect_after",
+        "_refresh_limit",
+        "_refresh_lock",
+        "_refresh_times",
+        "_runs",
+        "_seq",
+        "_settings",
+        "_stream_stuck",
+        "_token",
+        "_wake",
+        "close_code",
+        "close_reason",
+        "degraded",
+        "id",
+        "identity",
+        "lifecycle",
+        "stats",
+        "ws",
+    )
+
     def __init__(
         self,
         session_id: str,
@@ -78,10 +110,11 @@ class Session:
         self._token = token
         self._hooks = hooks
         self.lifecycle = lifecycle
-        self._wake = trio.CancelScope()
-        self._refresh_lock = trio.StrictFIFOLock()
+        self._wake: trio.CancelScope | None = None  # the watchdog's sleep, moved by refreshes
+        # Made on the first refresh: most connections never refresh, and every one pays.
+        self._refresh_lock: trio.StrictFIFOLock | None = None
         self._refresh_limit = refresh_limit
-        self._refresh_times: deque[float] = deque()
+        self._refresh_times: deque[float] | None = None
         self._message_rate = TokenBucket(settings.message_rate, settings.message_burst, trio.current_time())
         self.ws = ws
         self.identity = identity
@@ -93,10 +126,9 @@ class Session:
         self._overflow_watch = False
         self._nursery: trio.Nursery | None = None
         self._seq = 0
-        self._run_ids = itertools.count(1)
+        self._last_run = 0
         self._runs: dict[str, trio.CancelScope] = {}
         self._protocol_errors = 0
-        self._cancel_scope = trio.CancelScope()
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         self._client_gone = False
@@ -116,7 +148,8 @@ class Session:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        self._cancel_scope.cancel()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()  # run() cancels at once if it opens later
 
     async def send(self, message: dict[str, Any]) -> None:
         """Queue one message; a consumer that stays full too long is closed (1008)."""
@@ -165,14 +198,17 @@ class Session:
     async def run(self) -> None:
         """Serve until closed. Never raises except Cancelled; a bug closes with 1011."""
         try:
-            with self._cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._writer)
-                    await self.send(self._ready_message())
-                    nursery.start_soon(self._watchdog, nursery)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.close_code is not None:
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(self._writer)
+                await self.send(self._ready_message())
+                nursery.start_soon(self._watchdog, nursery)
+                if self._settings.heartbeat_interval > 0:
                     nursery.start_soon(self._heartbeat)
-                    nursery.start_soon(self._reader, nursery)
+                # The reader is the nursery's own body: one task fewer per connection.
+                await self._reader(nursery)
         except Exception:
             log.exception("session failed", extra={"session": self.id, "event": "session.error"})
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
@@ -219,8 +255,6 @@ class Session:
     async def _heartbeat(self) -> None:
         """Ping every ``heartbeat_interval``; no pong within ``heartbeat_timeout`` ends the session."""
         interval = self._settings.heartbeat_interval
-        if interval <= 0:
-            return
         while True:
             await trio.sleep(interval)
             with trio.move_on_after(self._settings.heartbeat_timeout) as waited:
@@ -285,6 +319,8 @@ class Session:
     def _refresh_rate_exceeded(self) -> bool:
         limit, window = self._refresh_limit
         now = trio.current_time()
+        if self._refresh_times is None:
+            self._refresh_times = deque()
         while self._refresh_times and self._refresh_times[0] <= now - window:
             self._refresh_times.popleft()
         self._refresh_times.append(now)
@@ -292,6 +328,8 @@ class Session:
 
     async def _refresh(self, token: str) -> None:
         """In-band refresh: one at a time, in arrival order, by the gateway's one auth path."""
+        if self._refresh_lock is None:
+            self._refresh_lock = trio.StrictFIFOLock()
         async with self._refresh_lock:
             try:
                 result = await self._hooks.refresh(token)
@@ -313,7 +351,8 @@ class Session:
             self.lifecycle.on_refresh(
                 result.identity.expires_at, result.identity.issued_at, self._hooks.wall_now()
             )
-            self._wake.deadline = self._hooks.trio_time(self.lifecycle.next_deadline())
+            if self._wake is not None:
+                self._wake.deadline = self._hooks.trio_time(self.lifecycle.next_deadline())
             await self.send(
                 {
                     "type": "auth.refreshed",
@@ -376,7 +415,8 @@ class Session:
         if len(self._runs) >= self._settings.max_runs_per_session:
             await self.send_error("too_many_runs", "too many runs in progress on this connection")
             return
-        run_id = f"r{next(self._run_ids)}"
+        self._last_run += 1
+        run_id = f"r{self._last_run}"
         scope = trio.CancelScope()
         self._runs[run_id] = scope
         nursery.start_soon(self._run_agent, run_id, message, scope)

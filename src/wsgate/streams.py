@@ -3,10 +3,13 @@
 - It notices the peer leaving (:attr:`GuardedStream.gone`): during admission
   nobody reads the WebSocket but trio-websocket's reader task does, and when
   it sees the stream end the handshake (and any auth-service call made for
-  it) is cancelled.
+  it) is cancelled, through the scope given to :meth:`GuardedStream.watch`.
 - It counts the request head's bytes and lines before any parser sees them
   (:attr:`GuardedStream.oversized`), so too large or too many headers are
   answered 431 instead of being buffered.
+
+Both are plain flags plus one cancel scope to cancel, not events and tasks
+waiting on them: every connection pays for this object while it lives.
 """
 
 from __future__ import annotations
@@ -27,18 +30,46 @@ RESPONSE_431 = (
 
 
 class GuardedStream(trio.abc.Stream):
+    __slots__ = (
+        "_head_done",
+        "_head_lines",
+        "_head_seen",
+        "_max_bytes",
+        "_max_lines",
+        "_stream",
+        "_tail",
+        "_watcher",
+        "gone",
+        "oversized",
+    )
+
     def __init__(
         self, stream: trio.abc.Stream, *, max_head_bytes: int = 16384, max_head_lines: int = 100
     ) -> None:
         self._stream = stream
-        self.gone = trio.Event()
-        self.oversized = trio.Event()
+        self.gone = False
+        self.oversized = False
+        self._watcher: trio.CancelScope | None = None
         self._head_seen = 0
         self._head_lines = 0
         self._head_done = False
         self._tail = b""
         self._max_bytes = max_head_bytes
         self._max_lines = max_head_lines
+
+    def watch(self, scope: trio.CancelScope | None) -> None:
+        """Cancel ``scope`` as soon as the peer is gone or its head is too large (None: stop)."""
+        self._watcher = scope
+        if scope is not None and (self.gone or self.oversized):
+            scope.cancel()
+
+    def _trouble(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def _set_gone(self) -> None:
+        self.gone = True
+        self._trouble()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
@@ -50,10 +81,10 @@ class GuardedStream(trio.abc.Stream):
         try:
             data = await self._stream.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.gone.set()
+            self._set_gone()
             raise
         if not data:
-            self.gone.set()
+            self._set_gone()
         elif not self._head_done:
             return self._check_head(bytes(data))
         return data
@@ -68,12 +99,13 @@ class GuardedStream(trio.abc.Stream):
         if end >= 0:
             self._head_done = True
         if self._head_seen > self._max_bytes or self._head_lines > self._max_lines + 2:
-            self.oversized.set()
+            self.oversized = True
+            self._trouble()
             return b""  # the parser sees the stream end; the handshake answers 431
         return data
 
     async def aclose(self) -> None:
-        self.gone.set()
+        self._set_gone()
         await self._stream.aclose()
 
     async def reply_raw(self, data: bytes) -> None:
