@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,11 @@ class Server:
                 port = int(match.group(1) or match.group(2))
         self.url = f"ws://127.0.0.1:{port}/ws"
         self.admin = ""
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -121,7 +127,15 @@ def progress(label: str) -> Callable[[int, int], None]:
     return show
 
 
-async def handshakes(url: str, seconds: float, concurrency: int, show: Callable[[int, int], None]) -> float:
+@dataclass
+class Rate:
+    """Operations per second, and how many operations that was (for the server's CPU per operation)."""
+
+    per_s: float
+    ops: int
+
+
+async def handshakes(url: str, seconds: float, concurrency: int, show: Callable[[int, int], None]) -> Rate:
     """Handshakes per second: connect, admit, ready message, close."""
     auth = headers()
     done = 0
@@ -139,7 +153,7 @@ async def handshakes(url: str, seconds: float, concurrency: int, show: Callable[
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     ticker.cancel()
     show(int(seconds), int(seconds))
-    return done / (time.monotonic() - start)
+    return Rate(done / (time.monotonic() - start), done)
 
 
 async def _tick(now: Callable[[], int], total: int, show: Callable[[int, int], None]) -> None:
@@ -172,7 +186,7 @@ async def latency(
 
 async def throughput(
     url: str, connections: int, messages: int, message: str, show: Callable[[int, int], None]
-) -> float:
+) -> Rate:
     """Messages per second through request/reply, pipelined per connection."""
     done = 0
 
@@ -198,7 +212,7 @@ async def throughput(
     await asyncio.gather(*(one() for _ in range(connections)))
     ticker.cancel()
     show(connections * messages, connections * messages)
-    return connections * messages / (time.monotonic() - start)
+    return Rate(connections * messages / (time.monotonic() - start), connections * messages)
 
 
 async def idle_memory(server: Server, count: int, show: Callable[[int, int], None]) -> float:
@@ -250,7 +264,7 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
 
 
-async def measure(quick: bool) -> dict[str, Any]:
+async def measure(quick: bool, only: list[str]) -> dict[str, Any]:
     servers = start_all()
     results: dict[str, Any] = {}
     ping = json.dumps({"type": "ping"})
@@ -294,15 +308,26 @@ async def measure(quick: bool) -> dict[str, Any]:
                 lambda name, s: idle_memory(s, 10000, progress(f"10,000 idle {name}")),
             )
         )
+    plan = [(metric, run) for metric, run in plan if not only or any(o in metric for o in only)]
+    cpu: dict[str, dict[str, float]] = {}
     try:
         for metric, run in plan:
             for name, server in servers.items():
-                results.setdefault(metric, {})[name] = await run(name, server)
+                before = server.cpu_seconds()
+                value = await run(name, server)
+                if isinstance(value, Rate):
+                    cpu.setdefault(metric, {})[name] = 1e6 * (server.cpu_seconds() - before) / value.ops
+                    value = value.per_s
+                results.setdefault(metric, {})[name] = value
     finally:
         for server in servers.values():
             server.stop()
-    results["breaker_decisions_per_s"] = {"wsgate": breaker_decisions(1 if quick else 5)}
-    results.update(await measure_auth(quick))
+    for metric, by in cpu.items():
+        results[f"cpu_us_per_op_{metric.replace('_per_s', '')}"] = by
+    if not only or any(o in "breaker_decisions_per_s" for o in only):
+        results["breaker_decisions_per_s"] = {"wsgate": breaker_decisions(1 if quick else 5)}
+    if not only or any(o in "auth outage" for o in only):
+        results.update(await measure_auth(quick))
     return results
 
 
@@ -371,23 +396,23 @@ def report(results: dict[str, Any], quick: bool) -> None:
     print(
         f"\nwsgate benchmarks ({'quick' if quick else 'full'}) on {platform.node()}, {os.cpu_count()} cores"
     )
-    print(f"{'metric':<26}{'wsgate':>12}{'bare trio-ws':>14}{'ws + pyjwt':>12}{'vs bare':>10}{'vs peer':>10}")
+    print(f"{'metric':<30}{'wsgate':>12}{'bare trio-ws':>14}{'ws + pyjwt':>12}{'vs bare':>10}{'vs peer':>10}")
     for metric, by in results.items():
         if metric.startswith("outage_"):
             continue
         if metric == "introspection_handshakes_per_s":
-            print(f"{'introspection hs/s cold':<26}{by['wsgate cold']:>12.1f}")
-            print(f"{'introspection hs/s warm':<26}{by['wsgate warm']:>12.1f}")
+            print(f"{'introspection hs/s cold':<30}{by['wsgate cold']:>12.1f}")
+            print(f"{'introspection hs/s warm':<30}{by['wsgate warm']:>12.1f}")
             continue
         ours = by.get("wsgate")
         bare = by.get("bare trio-websocket")
         peer = by.get("websockets + pyjwt")
         cells = [f"{value(x):>12.1f}" if x is not None else f"{'-':>12}" for x in (ours, bare, peer)]
         ratios = [f"{value(ours) / value(x):>10.2f}" if x and ours else f"{'-':>10}" for x in (bare, peer)]
-        print(f"{metric:<26}{cells[0]}{cells[1]:>14}{cells[2]}{ratios[0]}{ratios[1]}")
+        print(f"{metric:<30}{cells[0]}{cells[1]:>14}{cells[2]}{ratios[0]}{ratios[1]}")
         if isinstance(ours, dict):
             p99 = [f"{x['p99_ms']:.2f}" for x in (ours, bare, peer) if x]
-            print(f"{'  (p99 ms)':<26}" + "".join(f"{p:>12}" for p in p99))
+            print(f"{'  (p99 ms)':<30}" + "".join(f"{p:>12}" for p in p99))
     print(
         "round_trip: wsgate is user_message -> agent_completed (no-op agent, 5 events); the others echo once."
     )
@@ -397,9 +422,17 @@ def report(results: dict[str, Any], quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only the measurements whose name contains NAME (repeatable), e.g. handshakes, "
+        "msgs, idle, round_trip, breaker, auth",
+    )
     args = parser.parse_args()
     raise_fd_limit()
-    results = asyncio.run(measure(args.quick))
+    results = asyncio.run(measure(args.quick, args.only))
     report(results, args.quick)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -407,10 +440,13 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "quick": args.quick,
+        "only": args.only,
         "results": results,
     }
     (out / "latest.json").write_text(json.dumps(document, indent=2))
     print(f"written to {out / 'latest.json'}")
+    if not any(key.startswith("outage_") for key in results):
+        return
     if plot_outage(results, out / "outage.png"):
         print(f"plot: {out / 'outage.png'}")
     else:

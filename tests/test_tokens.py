@@ -228,3 +228,21 @@ def test_no_keys_is_a_config_error() -> None:
 def test_short_hmac_secret_refused() -> None:
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         load_keys(AuthSettings(keys=(KeySettings(kind="hmac", secret="short"),)))
+
+
+def test_a_public_key_given_as_hmac_secret_is_refused_at_load(rsa_key: tuple[Any, bytes]) -> None:
+    _, public_pem = rsa_key
+    with pytest.raises(ConfigError, match=r"auth\.hmac_secret: not usable as an HMAC secret"):
+        load_keys(AuthSettings(hmac_secret=public_pem.decode()))
+    with pytest.raises(ConfigError, match=r"auth\.keys\[0\]: not usable as an HMAC secret"):
+        load_keys(AuthSettings(keys=(KeySettings(kind="hmac", secret=public_pem.decode()),)))
+
+
+def test_keys_are_prepared_without_touching_pyjwt_globals() -> None:
+    """Our PyJWT instance takes prepared secrets; the module-level jwt.decode is left as it was."""
+    token = hs(claims(iat=None))
+    assert verify(token).subject == "alice"
+    with pytest.raises(TokenRejected, match="bad signature"):
+        verify(hs(claims(), secret=b"t" * 64))
+    assert type(jwt.api_jws._jws_global_obj._algorithms["HS256"]) is jwt.algorithms.HMACAlgorithm
+    assert jwt.decode(token, SECRET, algorithms=["HS256"], audience=AUD, issuer=ISS)["sub"] == "alice"

@@ -77,19 +77,20 @@ class ConnectionServer:
             return
         session = self._gateway.new_session(ws, admission)
         lease.attach(session)
-        log.info(
-            "session opened",
-            extra={
-                "event": "session.opened",
-                "session": session.id,
-                "subject": session.identity.subject_hash,
-                "outcome": "degraded"
-                if session.degraded
-                else "anonymous"
-                if session.identity.anonymous
-                else "normal",
-            },
-        )
+        if log.isEnabledFor(logging.INFO):  # the subject's hash is not free: only when logged
+            log.info(
+                "session opened",
+                extra={
+                    "event": "session.opened",
+                    "session": session.id,
+                    "subject": session.identity.subject_hash,
+                    "outcome": "degraded"
+                    if session.degraded
+                    else "anonymous"
+                    if session.identity.anonymous
+                    else "normal",
+                },
+            )
         try:
             await session.run()
         finally:

@@ -32,6 +32,7 @@ from .protocol import (
     RunCancel,
     UserMessage,
     encode,
+    encode_pong,
     parse_client_message,
 )
 from .ratelimit import TokenBucket
@@ -157,6 +158,15 @@ class Session:
         if self._outbound.put_nowait(text):
             await trio.lowlevel.checkpoint()  # a send is always a checkpoint
             return
+        await self._put_waiting(text)
+
+    async def _reply(self, text: str) -> None:
+        """Queue the reader's answer to a client message. The reader checkpoints on every
+        read, so an answer that fits in the queue does not yield a second time."""
+        if not self._outbound.put_nowait(text):
+            await self._put_waiting(text)
+
+    async def _put_waiting(self, text: str) -> None:
         with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
             await self._outbound.put(text)
         if waited.cancelled_caught:
@@ -299,7 +309,7 @@ class Session:
 
     async def _dispatch(self, message: ClientMessage, nursery: trio.Nursery) -> None:
         if isinstance(message, Ping):
-            await self.send({"type": "pong", "id": message.id})
+            await self._reply(encode_pong(message.id))
         elif isinstance(message, UserMessage):
             await self._start_run(message, nursery)
         elif isinstance(message, RunCancel):
@@ -470,13 +480,14 @@ class Session:
                         break
             self._token = None
             await self.ws.aclose(int(code), self.close_reason[:120] or None)
-        log.info(
-            "session closed",
-            extra={
-                "event": "session.closed",
-                "session": self.id,
-                "subject": self.identity.subject_hash,
-                "code": int(code),
-                "reason": self.close_reason,
-            },
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "session closed",
+                extra={
+                    "event": "session.closed",
+                    "session": self.id,
+                    "subject": self.identity.subject_hash,
+                    "code": int(code),
+                    "reason": self.close_reason,
+                },
+            )

@@ -1,7 +1,8 @@
 """The one token verifier: every JWT wsgate accepts passes through here.
 
-Nothing else in wsgate calls ``jwt.decode``. Time is passed in (``now``, in
-epoch seconds) so that tests drive expiry with Trio's ``MockClock``.
+Nothing else in wsgate decodes a JWT (``_JWT.decode``: PyJWT, with keys
+prepared once). Time is passed in (``now``, in epoch seconds) so that tests
+drive expiry with Trio's ``MockClock``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import attrs
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.algorithms import HMACAlgorithm
 
 from .config import HMAC_ALGORITHMS, AuthSettings, KeySettings
 from .errors import ConfigError, Unauthorized
@@ -86,6 +88,51 @@ class VerificationKey:
     key: Any = attrs.field(repr=False)
     algorithms: frozenset[str]
     kid: str | None = None
+    #: What the algorithm verifies with, checked and converted once, here, instead of
+    #: by PyJWT on every token (for an HMAC secret that is a JSON parse and regexes).
+    prepared: Any = attrs.field(init=False, repr=False, eq=False)
+
+    @prepared.default
+    def _prepare(self) -> Any:
+        if not isinstance(self.key, bytes | str):
+            return self.key  # public keys are loaded into key objects already
+        try:
+            return _PreparedSecret(HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(self.key))
+        except jwt.InvalidKeyError as exc:
+            raise ValueError(f"not usable as an HMAC secret: {exc}") from None
+
+
+class _PreparedSecret:
+    __slots__ = ("secret",)
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+
+
+class _PreparedHMAC(HMACAlgorithm):
+    """HMAC that takes a secret prepared at load time as it is."""
+
+    def prepare_key(self, key: Any) -> bytes:
+        if isinstance(key, _PreparedSecret):
+            return key.secret
+        return super().prepare_key(key)
+
+
+def _pyjwt() -> jwt.PyJWT:
+    """A PyJWT of our own (the module's global one stays untouched) with the HMAC
+    algorithms above. ``_jws`` is the PyJWS a PyJWT instance verifies with (PyJWT 2.x)."""
+    instance = jwt.PyJWT()
+    for name, hash_alg in (
+        ("HS256", HMACAlgorithm.SHA256),
+        ("HS384", HMACAlgorithm.SHA384),
+        ("HS512", HMACAlgorithm.SHA512),
+    ):
+        instance._jws.unregister_algorithm(name)
+        instance._jws.register_algorithm(name, _PreparedHMAC(hash_alg))
+    return instance
+
+
+_JWT = _pyjwt()
 
 
 def load_keys(settings: AuthSettings, dev_secret: bytes | None = None) -> list[VerificationKey]:
@@ -95,7 +142,10 @@ def load_keys(settings: AuthSettings, dev_secret: bytes | None = None) -> list[V
     if dev_secret is not None:
         keys.append(VerificationKey(dev_secret, frozenset({"HS256"})))
     if settings.hmac_secret is not None:
-        keys.append(VerificationKey(settings.hmac_secret.encode(), frozenset({"HS256"})))
+        try:
+            keys.append(VerificationKey(settings.hmac_secret.encode(), frozenset({"HS256"})))
+        except ValueError as exc:
+            problems.append(f"auth.hmac_secret: {exc}")
     for i, spec in enumerate(settings.keys):
         try:
             keys.append(_load_key(spec))
@@ -261,9 +311,9 @@ class TokenVerifier:
         last: Exception = TokenRejected("bad signature")
         for key in candidates:
             try:
-                claims: dict[str, Any] = jwt.decode(
+                claims: dict[str, Any] = _JWT.decode(
                     token,
-                    key.key,
+                    key.prepared,
                     algorithms=[alg],
                     audience=self._audience,
                     issuer=self._issuer,
