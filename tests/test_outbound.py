@@ -47,7 +47,7 @@ async def test_get_waits_for_a_put() -> None:
     got: list[str] = []
 
     async def writer() -> None:
-        got.append(await queue.get())
+        got.extend(await queue.take())
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer)
@@ -60,18 +60,18 @@ async def test_get_waits_for_a_put() -> None:
 async def test_a_cancelled_get_leaves_the_queue_usable() -> None:
     queue = OutboundQueue(10, 1000)
     with trio.move_on_after(1):
-        await queue.get()
+        await queue.take()
     queue.put_nowait("after")
-    assert await queue.get() == "after"
+    assert await queue.take() == ["after"]
 
 
 async def test_only_one_task_may_wait() -> None:
     queue = OutboundQueue(10, 1000)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(queue.get)
+        nursery.start_soon(queue.take)
         await trio.testing.wait_all_tasks_blocked()
         with pytest.raises(trio.BusyResourceError):
-            await queue.get()
+            await queue.take()
         queue.put_nowait("for the first")
 
 
@@ -98,3 +98,22 @@ async def test_put_waits_while_full_and_close_releases_it() -> None:
     assert results == [True, False]
     assert queue.get_nowait() == "c"  # what was queued can still be taken
     assert not queue.put_nowait("e")
+
+
+@given(
+    st.lists(st.text(max_size=8), max_size=300),
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=0, max_value=60),
+)
+def test_take_keeps_order_and_bounds(texts: list[str], max_items: int, max_bytes: int) -> None:
+    """Batches come out in order, each within its bounds (or a single message), none lost."""
+    queue = OutboundQueue(max_messages=1000, max_bytes=10**9)
+    for text in texts:
+        assert queue.put_nowait(text)
+    out: list[str] = []
+    while batch := queue.take_nowait(max_items, max_bytes):
+        assert len(batch) <= max_items
+        assert len(batch) == 1 or sum(map(len, batch)) <= max_bytes
+        out.extend(batch)
+    assert out == texts
+    assert len(queue) == 0 and not queue.full

@@ -70,27 +70,38 @@ class OutboundQueue:
         if self._not_full is not None:
             await self._not_full.wait()
 
-    def get_nowait(self) -> str | None:
-        items = self._items
-        if self._head == len(items):
-            return None
-        text = items[self._head]
-        self._head += 1
-        if self._head == len(items):
+    def take_nowait(self, max_items: int = 1, max_bytes: int = 0) -> list[str]:
+        """The oldest queued messages, in order: at least one if any is queued, then more
+        while there are fewer than ``max_items`` and they stay within ``max_bytes``."""
+        items, head = self._items, self._head
+        stop = min(len(items), head + max_items)
+        end, size = head, 0
+        while end < stop and (end == head or size + len(items[end]) <= max_bytes):
+            size += len(items[end])
+            end += 1
+        taken = items[head:end]
+        if end == len(items):
             items.clear()
             self._head = 0
-        elif self._head >= _COMPACT_AFTER and 2 * self._head >= len(items):
-            del items[: self._head]
+        elif end >= _COMPACT_AFTER and 2 * end >= len(items):
+            del items[:end]
             self._head = 0
-        self._bytes -= len(text)
+        else:
+            self._head = end
+        self._bytes -= size
         if self._not_full is not None and not self.full:
             self._not_full.set()
             self._not_full = None
-        return text
+        return taken
 
-    async def get(self) -> str:
-        """The next message, waiting for one; only one task may wait at a time."""
-        while (text := self.get_nowait()) is None:
+    def get_nowait(self) -> str | None:
+        """The oldest queued message, or None."""
+        taken = self.take_nowait()
+        return taken[0] if taken else None
+
+    async def take(self, max_items: int = 1, max_bytes: int = 0) -> list[str]:
+        """Like :meth:`take_nowait`, waiting until something is queued; one waiter at a time."""
+        while not (taken := self.take_nowait(max_items, max_bytes)):
             if self._waiter is not None:
                 raise trio.BusyResourceError("another task is already waiting on this queue")
             self._waiter = trio.lowlevel.current_task()
@@ -100,7 +111,7 @@ class OutboundQueue:
                 return trio.lowlevel.Abort.SUCCEEDED
 
             await trio.lowlevel.wait_task_rescheduled(abort)
-        return text
+        return taken
 
     def close(self) -> None:
         """Refuse further messages; what is queued can still be taken."""

@@ -37,10 +37,13 @@ from .protocol import (
 )
 from .ratelimit import TokenBucket
 from .tokens import Identity
+from .wsconn import send_texts
 
 log = logging.getLogger("wsgate.session")
 
 MAX_PROTOCOL_ERRORS = 20
+WRITE_BATCH_MESSAGES = 64  # at most this many queued messages per write
+WRITE_BATCH_BYTES = 256 * 1024  # and no more bytes than this, unless one message is larger
 
 
 class SessionHooks(Protocol):
@@ -241,18 +244,23 @@ class Session:
         }
 
     async def _writer(self) -> None:
-        while await self._write(await self._outbound.get()):
+        # What is queued by the time the writer runs goes out in one write: under load
+        # (an agent's burst of events, a pipelining client) that is one system call
+        # and one shielded scope for many messages instead of one each.
+        while await self._write(await self._outbound.take(WRITE_BATCH_MESSAGES, WRITE_BATCH_BYTES)):
             pass
 
-    async def _write(self, text: str) -> bool:
-        self._seq += 1
-        frame = f'{text[:-1]},"seq":{self._seq}}}'
+    async def _write(self, texts: list[str]) -> bool:
+        frames = []
+        for text in texts:
+            self._seq += 1
+            frames.append(f'{text[:-1]},"seq":{self._seq}}}')
         # A message taken from the queue is written whole even while the session is
         # being cancelled (a frame cut in half would corrupt the stream), within a bound.
         with trio.CancelScope(shield=True) as scope:
             scope.relative_deadline = self._settings.slow_consumer_timeout
             try:
-                await self.ws.send_message(frame)
+                await send_texts(self.ws, frames)
             except ConnectionClosed:
                 self._client_left()
                 return False
@@ -475,8 +483,8 @@ class Session:
             cleanup.shield = True
             self._outbound.close()
             if not (self._client_gone or self._stream_stuck) and code != CloseCode.INTERNAL_ERROR:
-                while (text := self._outbound.get_nowait()) is not None:
-                    if not await self._write(text):
+                while texts := self._outbound.take_nowait(WRITE_BATCH_MESSAGES, WRITE_BATCH_BYTES):
+                    if not await self._write(texts):
                         break
             self._token = None
             await self.ws.aclose(int(code), self.close_reason[:120] or None)

@@ -5,18 +5,27 @@ a ``CloseConnection`` carrying the right code (1007, 1002) but leaves the
 connection open, so trio-websocket drops the TCP connection without a close
 frame and the client never learns why. Marking the connection as closed by
 the remote side makes trio-websocket answer with that code first, as RFC 6455
-asks. It also caps the fragments of one message (1009 beyond the cap).
+asks. It also caps the fragments of one message (1009 beyond the cap), and
+lets several queued messages go out in one write (:func:`send_texts`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Event, TextMessage
+
+
+@dataclass(frozen=True)
+class _Batch(Event):
+    """Several text messages to be framed together and written at once."""
+
+    messages: tuple[str, ...]
 
 
 class _AnsweringWSConnection(WSConnection):
@@ -24,6 +33,13 @@ class _AnsweringWSConnection(WSConnection):
         super().__init__(connection_type)
         self._max_fragments = max_fragments
         self._fragments = 0
+
+    def send(self, event: Event) -> bytes:
+        if isinstance(event, _Batch):
+            return b"".join(
+                super(_AnsweringWSConnection, self).send(TextMessage(data=m)) for m in event.messages
+            )
+        return super().send(event)
 
     def events(self) -> Generator[Event, None, None]:
         for event in super().events():
@@ -63,3 +79,19 @@ async def wrap_server_stream(
     nursery.start_soon(connection._reader_task)
     request: WebSocketRequest = await connection._get_request()
     return request
+
+
+async def send_texts(ws: WebSocketConnection, messages: Sequence[str]) -> None:
+    """Send text messages in order, framed together and written with one ``send_all``
+    (one system call where one per message would be made), raising ConnectionClosed
+    as ``send_message`` does. Needs a connection made by :func:`wrap_server_stream`.
+
+    ``_send`` is trio-websocket's one path for writing an event: it takes the stream
+    lock and turns a broken stream into ``ConnectionClosed``.
+    """
+    if len(messages) == 1:
+        await ws.send_message(messages[0])
+        return
+    if ws.closed is not None:
+        raise ConnectionClosed(ws.closed)
+    await ws._send(_Batch(tuple(messages)))
