@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import attrs
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
     from .server import Gateway
 
 log = logging.getLogger("wsgate.server")
-T = TypeVar("T")
 
 
 @attrs.frozen
@@ -113,15 +111,22 @@ class ConnectionServer:
         opened: _Opened | None = None
         started = trio.current_time()
         with trio.move_on_after(server.handshake_timeout) as deadline:
-            request = await self._read_request(nursery, guarded)
-            if request is None:
-                return None
-            opened = await self._open(request, guarded)
+            # One scope for the whole handshake: its deadline, and the stream cancels it
+            # itself when the peer leaves or sends too large a head (no task waits for that).
+            guarded.watch(deadline)
+            request = await wrap_server_stream(
+                nursery,
+                guarded,
+                message_queue_size=4,
+                max_message_size=server.max_message_bytes,
+                max_fragments=server.max_fragments,
+            )
+            opened = await self._open(request)
+        guarded.watch(None)
         if deadline.cancelled_caught:
             if opened is not None and opened.lease is not None:
                 opened.lease.release()
-            self._gateway.stats["handshake.timeout"] += 1
-            log.info("handshake timed out", extra={"event": "handshake.timeout"})
+            await self._cut_short(guarded)
             return None
         self._gateway.metrics.handshake_seconds.observe(trio.current_time() - started)
         if opened is None:
@@ -133,35 +138,23 @@ class ConnectionServer:
             return opened.ws, *admitted
         return opened.ws, opened.admission, opened.lease
 
-    async def _read_request(self, nursery: trio.Nursery, stream: GuardedStream) -> WebSocketRequest | None:
-        """The upgrade request; None (after answering 431, or not at all) if it never comes."""
-        server = self._gateway.settings.server
-        request = await _unless_troubled(
-            stream,
-            lambda: wrap_server_stream(
-                nursery,
-                stream,
-                message_queue_size=4,
-                max_message_size=server.max_message_bytes,
-                max_fragments=server.max_fragments,
-            ),
-        )
-        if request is None:
-            outcome = "431" if stream.oversized else "abandoned"
-            self._gateway.stats[f"handshake.{outcome}"] += 1
-            if stream.oversized:
-                log.info("handshake refused", extra={"event": "handshake.refused", "status": 431})
-                await stream.reply_raw(RESPONSE_431)
-        return request
+    async def _cut_short(self, stream: GuardedStream) -> None:
+        """Account for a handshake that ended early: 431, the peer gone, or the deadline."""
+        if stream.oversized:
+            self._gateway.stats["handshake.431"] += 1
+            log.info("handshake refused", extra={"event": "handshake.refused", "status": 431})
+            await stream.reply_raw(RESPONSE_431)
+        elif stream.gone:
+            self._gateway.stats["handshake.abandoned"] += 1
+        else:
+            self._gateway.stats["handshake.timeout"] += 1
+            log.info("handshake timed out", extra={"event": "handshake.timeout"})
 
-    async def _open(self, request: WebSocketRequest, stream: GuardedStream) -> _Opened | None:
-        """Admit and upgrade, or refuse with the HTTP status; None when refused or abandoned."""
+    async def _open(self, request: WebSocketRequest) -> _Opened | None:
+        """Admit and upgrade, or refuse with the HTTP status; None when refused."""
         lease: Lease | None = None
         try:
-            admission = await _unless_troubled(stream, lambda: self.admit(request))
-            if admission is None:
-                self._gateway.stats["handshake.abandoned"] += 1
-                return None
+            admission = await self.admit(request)
             if isinstance(admission, Admission):
                 lease = self._gateway.registry.lease(admission.identity.user_key)
         except GatewayError as error:
@@ -273,20 +266,6 @@ class ConnectionServer:
             result.degraded,
             token=self._gateway._kept(credentials.token or ""),
         )
-
-
-async def _unless_troubled(stream: GuardedStream, run: Callable[[], Awaitable[T]]) -> T | None:
-    """``await run()``, or None if the peer leaves (or overflows its head) first.
-
-    The stream cancels the scope itself when it sees that happen: no task waits for it.
-    """
-    with trio.CancelScope() as scope:
-        stream.watch(scope)
-        try:
-            return await run()
-        finally:
-            stream.watch(None)
-    return None
 
 
 def _peer(request: WebSocketRequest) -> str:
