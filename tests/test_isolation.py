@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -203,6 +204,58 @@ async def test_missing_pong_closes_the_connection(autojump_clock: trio.testing.M
         await trio.testing.wait_all_tasks_blocked()
         assert h.gateway.stats["close.1001"] == 1
         assert len(h.gateway.registry) == 0
+
+
+async def _answer_pings(h: Any, token: str, pings: list[float], messages: list[dict[str, Any]]) -> int | None:
+    """A raw client that answers every ping at once, noting when each came; the close code."""
+    stream = h.open_stream()
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    request = wsproto.events.Request(
+        host="x", target="/ws", extra_headers=[(b"authorization", f"Bearer {token}".encode())]
+    )
+    await stream.send_all(ws.send(request))
+    code = None
+    while code is None:
+        data = await stream.receive_some()
+        if not data:
+            break
+        ws.receive_data(bytes(data))
+        for event in ws.events():
+            if isinstance(event, wsproto.events.Ping):
+                pings.append(trio.current_time())
+                await stream.send_all(ws.send(event.response()))
+            elif isinstance(event, wsproto.events.TextMessage):
+                messages.append(json.loads(event.data))
+            elif isinstance(event, wsproto.events.CloseConnection):
+                code = event.code
+    return code
+
+
+async def test_pings_follow_each_answered_one(autojump_clock: trio.testing.MockClock) -> None:
+    """A client that answers is pinged every interval after its last pong, and stays."""
+    settings = settings_for_tests(**{"server.heartbeat_interval": 20, "server.heartbeat_timeout": 10})
+    async with open_harness(settings) as h:
+        pings: list[float] = []
+        with trio.move_on_after(105) as listening:
+            await _answer_pings(h, h.token("chatty", ttl=3600), pings, [])
+        assert listening.cancelled_caught  # still open when the test stopped listening
+        assert pings == pytest.approx([20, 40, 60, 80, 100], abs=0.01)
+
+
+async def test_expiry_lands_on_time_between_pings(autojump_clock: trio.testing.MockClock) -> None:
+    """The watchdog keeps both clocks: pings every 20 s, the warning and the 4401 at expiry."""
+    settings = settings_for_tests(
+        **{"server.heartbeat_interval": 20, "server.heartbeat_timeout": 10, "auth.refresh_ahead": 15}
+    )
+    async with open_harness(settings) as h:
+        pings: list[float] = []
+        messages: list[dict[str, Any]] = []
+        code = await _answer_pings(h, h.token("short", ttl=50), pings, messages)
+        assert pings == pytest.approx([20, 40], abs=0.01)
+        assert code == CloseCode.UNAUTHORIZED
+        assert trio.current_time() == pytest.approx(50, abs=0.01)
+        warning = next(m for m in messages if m["type"] == "auth.expiring")
+        assert warning["expires_in"] == pytest.approx(15, abs=0.01)
 
 
 async def test_idle_timeout(autojump_clock: trio.testing.MockClock) -> None:

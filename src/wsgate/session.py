@@ -73,6 +73,7 @@ class Session:
         "_nursery",
         "_outbound",
         "_overflow_watch",
+        "_ping_at",
         "_protocol_errors",
         "_reconnect_after",
         "_refresh_limit",
@@ -115,6 +116,9 @@ class Session:
         self._hooks = hooks
         self.lifecycle = lifecycle
         self._wake: trio.CancelScope | None = None  # the watchdog's sleep, moved by refreshes
+        interval = settings.heartbeat_interval
+        # When the watchdog starts the next ping (trio time); None: no heartbeat, or one in flight.
+        self._ping_at: float | None = trio.current_time() + interval if interval > 0 else None
         # Made on the first refresh: most connections never refresh, and every one pays.
         self._refresh_lock: trio.StrictFIFOLock | None = None
         self._refresh_limit = refresh_limit
@@ -218,8 +222,6 @@ class Session:
                 nursery.start_soon(self._writer)
                 await self.send(self._ready_message())
                 nursery.start_soon(self._watchdog, nursery)
-                if self._settings.heartbeat_interval > 0:
-                    nursery.start_soon(self._heartbeat)
                 # The reader is the nursery's own body: one task fewer per connection.
                 await self._reader(nursery)
         except Exception:
@@ -271,20 +273,21 @@ class Session:
         return True
 
     async def _heartbeat(self) -> None:
-        """Ping every ``heartbeat_interval``; no pong within ``heartbeat_timeout`` ends the session."""
-        interval = self._settings.heartbeat_interval
-        while True:
-            await trio.sleep(interval)
-            with trio.move_on_after(self._settings.heartbeat_timeout) as waited:
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    self._client_left()
-                    return
-            if waited.cancelled_caught:
-                self._stream_stuck = True  # nothing more can usefully be written
-                self.close(CloseCode.GOING_AWAY, "ping timeout")
+        """One ping, started by the watchdog every ``heartbeat_interval`` after the last
+        pong; no pong within ``heartbeat_timeout`` ends the session. A short task per
+        ping, not one asleep through every interval: idle connections hold one task fewer."""
+        with trio.move_on_after(self._settings.heartbeat_timeout) as waited:
+            try:
+                await self.ws.ping()
+            except ConnectionClosed:
+                self._client_left()
                 return
+        if waited.cancelled_caught:
+            self._stream_stuck = True  # nothing more can usefully be written
+            self.close(CloseCode.GOING_AWAY, "ping timeout")
+            return
+        self._ping_at = trio.current_time() + self._settings.heartbeat_interval
+        self._move_wake()
 
     async def _reader(self, nursery: trio.Nursery) -> None:
         idle = self._settings.idle_timeout
@@ -369,8 +372,7 @@ class Session:
             self.lifecycle.on_refresh(
                 result.identity.expires_at, result.identity.issued_at, self._hooks.wall_now()
             )
-            if self._wake is not None:
-                self._wake.deadline = self._hooks.trio_time(self.lifecycle.next_deadline())
+            self._move_wake()
             await self.send(
                 {
                     "type": "auth.refreshed",
@@ -379,12 +381,25 @@ class Session:
                 }
             )
 
+    def _next_wake(self) -> float:
+        """The watchdog's next deadline: the token lifecycle's, or the next ping if sooner."""
+        wake = self._hooks.trio_time(self.lifecycle.next_deadline())
+        return wake if self._ping_at is None else min(wake, self._ping_at)
+
+    def _move_wake(self) -> None:
+        if self._wake is not None:
+            self._wake.deadline = self._next_wake()
+
     async def _watchdog(self, nursery: trio.Nursery) -> None:
-        """Sleep until the lifecycle's next deadline (moved by refreshes), then act on it."""
+        """The session's timer: sleeps until the token lifecycle's next deadline (moved by
+        refreshes) or the next heartbeat, whichever is first, then acts on it."""
         while True:
-            self._wake = trio.CancelScope(deadline=self._hooks.trio_time(self.lifecycle.next_deadline()))
+            self._wake = trio.CancelScope(deadline=self._next_wake())
             with self._wake:
                 await trio.sleep_forever()
+            if self._ping_at is not None and trio.current_time() >= self._ping_at:
+                self._ping_at = None  # the ping task sets the next one once answered
+                nursery.start_soon(self._heartbeat)
             for action in self.lifecycle.due(self._hooks.wall_now()):
                 if action is Action.EXPIRE:
                     self.close(CloseCode.UNAUTHORIZED, "token expired")
