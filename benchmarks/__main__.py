@@ -28,7 +28,8 @@ from typing import Any
 import jwt
 import websockets
 
-from .auth import FakeAuth, auth_path, outage
+from .auth import ADMIN_API_KEY, FakeAuth, auth_path, outage
+from .inprocess import measure_inprocess
 from .plot import plot_outage
 from .servers import AUDIENCE, ISSUER, SECRET
 
@@ -263,7 +264,14 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
 
 
-async def measure(quick: bool, only: list[str]) -> dict[str, Any]:
+def _median(values: list[Any]) -> Any:
+    """The median of numbers, or of each field of dicts of numbers (latency percentiles)."""
+    if isinstance(values[0], dict):
+        return {key: statistics.median(v[key] for v in values) for key in values[0]}
+    return statistics.median(values)
+
+
+async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
     servers = start_all()
     results: dict[str, Any] = {}
     ping = json.dumps({"type": "ping"})
@@ -308,21 +316,32 @@ async def measure(quick: bool, only: list[str]) -> dict[str, Any]:
             )
         )
     plan = [(metric, run) for metric, run in plan if not only or any(o in metric for o in only)]
-    cpu: dict[str, dict[str, float]] = {}
+    samples: dict[str, dict[str, list[Any]]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
     try:
         for metric, run in plan:
-            for name, server in servers.items():
-                before = server.cpu_seconds()
-                value = await run(name, server)
-                if isinstance(value, Rate):
-                    cpu.setdefault(metric, {})[name] = 1e6 * (server.cpu_seconds() - before) / value.ops
-                    value = value.per_s
-                results.setdefault(metric, {})[name] = value
+            # Rounds interleave the servers, so a slow spell of the machine hits all of them;
+            # the median of each is reported. Idle memory is measured once: a server's RSS
+            # does not go back down between rounds.
+            for _ in range(1 if metric.startswith("idle") else rounds):
+                for name, server in servers.items():
+                    before = server.cpu_seconds()
+                    value = await run(name, server)
+                    if isinstance(value, Rate):
+                        per_op = 1e6 * (server.cpu_seconds() - before) / value.ops
+                        cpu.setdefault(metric, {}).setdefault(name, []).append(per_op)
+                        value = value.per_s
+                    samples.setdefault(metric, {}).setdefault(name, []).append(value)
     finally:
         for server in servers.values():
             server.stop()
-    for metric, by in cpu.items():
-        results[f"cpu_us_per_op_{metric.replace('_per_s', '')}"] = by
+    for metric, by in samples.items():
+        results[metric] = {name: _median(values) for name, values in by.items()}
+    for metric, by_cpu in cpu.items():
+        results[f"cpu_us_per_op_{metric.replace('_per_s', '')}"] = {
+            name: _median(values) for name, values in by_cpu.items()
+        }
+    results["samples"] = samples
     if not only or any(o in "breaker_decisions_per_s" for o in only):
         results["breaker_decisions_per_s"] = {"wsgate": breaker_decisions(1 if quick else 5)}
     if not only or any(o in "auth outage" for o in only):
@@ -336,7 +355,7 @@ def wsgate_with_auth(fake: FakeAuth, policy: str) -> Server:
         "WSGATE_AUTH__POLICY": policy,
         "WSGATE_AUTH__INTROSPECTION_URL": f"{fake.url}/introspect",
         "WSGATE_AUTH__CLIENT_AUTH": "none",
-        "WSGATE_ADMIN__API_KEY": "benchmark-admin-api-key",
+        "WSGATE_ADMIN__API_KEY": ADMIN_API_KEY,
         "WSGATE_ADMIN__PORT": "0",
     }
     server = Server(
@@ -382,9 +401,15 @@ def report_outage(results: dict[str, Any]) -> None:
         if not key.startswith("outage_"):
             continue
         print(f"{key}: {run['clients']} clients, outcomes {run['outcomes']}, auth calls {run['auth_calls']},")
+        revalidated = run["degraded_revalidated_after_s"]
+        after = "-" if revalidated is None else f"{revalidated:.1f} s"
         print(
-            f"    1011 closes {run['closed_1011']}, degraded re-validated after "
-            f"{run['degraded_revalidated_after_s']} s, handshake p99 {run['handshake_p99_s']:.3f} s"
+            f"    1011 closes {run['closed_1011']}, degraded re-validated after {after}, "
+            f"handshake p99 {run['handshake_p99_s']:.3f} s,"
+        )
+        print(
+            f"    events acknowledged {run['events_acknowledged']} / received {run['events_received']}, "
+            f"runs completed {run['runs_completed']} / {run['runs_started']}, seq gaps {run['seq_gaps']}"
         )
 
 
@@ -422,6 +447,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds per measurement, servers interleaved, median reported (default: 1 quick, 3 full)",
+    )
+    parser.add_argument(
         "--only",
         action="append",
         default=[],
@@ -431,7 +462,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     raise_fd_limit()
-    results = asyncio.run(measure(args.quick, args.only))
+    rounds = args.rounds or (1 if args.quick else 3)
+    results = asyncio.run(measure(args.quick, args.only, rounds))
+    if not args.only or any(o in "inproc" for o in args.only):
+        results.update(measure_inprocess(args.quick))
+    samples = results.pop("samples", {})
     report(results, args.quick)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -439,8 +474,10 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "quick": args.quick,
+        "rounds": rounds,
         "only": args.only,
         "results": results,
+        "samples": samples,
     }
     (out / "latest.json").write_text(json.dumps(document, indent=2))
     print(f"written to {out / 'latest.json'}")

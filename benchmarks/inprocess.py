@@ -1,0 +1,157 @@
+"""Server cost per handshake and per message, wsgate against bare trio-websocket, in one process.
+
+The socket benchmarks share two cores between client and server and drift
+with the machine; this one takes the kernel and the client library out.
+Both servers run in this process over ``trio.testing.memory_stream_pair``,
+driven by canned client bytes (an upgrade request, masked frames), and the
+process CPU time is compared with rounds interleaved, so a slow spell of
+the machine hits both sides alike. The client's share (copying canned
+bytes) is the same for both and included in both.
+
+- handshake: upgrade request -> ``session.ready`` -> close frame -> EOF;
+- message: 50 pipelined ``{"type":"ping"}`` frames at a time, until all are
+  answered (wsgate answers ``pong`` through its protocol; bare echoes).
+"""
+
+from __future__ import annotations
+
+import statistics
+import struct
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+import trio.testing
+import trio_websocket
+
+from wsgate.server import open_gateway
+from wsgate.testing import TEST_AUDIENCE, TEST_ISSUER, TEST_SECRET, settings_for_tests
+from wsgate.tokens import mint_token
+
+Handler = Callable[[trio.abc.Stream], Awaitable[None]]
+READY = b"session.ready"
+BATCH = 50
+
+
+def _masked(opcode: int, payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert len(payload) < 126
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+
+
+CLOSE = _masked(8, struct.pack("!H", 1000))
+PINGS = _masked(1, b'{"type":"ping"}') * BATCH
+
+
+def _upgrade(token: str) -> bytes:
+    return (
+        "GET /ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    ).encode()
+
+
+async def _read_until(stream: trio.abc.Stream, needle: bytes) -> bytes:
+    buffer = b""
+    while needle not in buffer:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise EOFError("the server closed before answering")
+        buffer += data
+    return buffer[buffer.index(needle) + len(needle) :]
+
+
+async def _until_eof(stream: trio.abc.Stream) -> None:
+    while await stream.receive_some(65536):
+        pass
+
+
+async def _handshakes(handler: Handler, count: int, upgrade: bytes) -> None:
+    for _ in range(count):
+        server, client = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handler, server)
+            await client.send_all(upgrade)
+            await _read_until(client, READY)
+            await client.send_all(CLOSE)
+            await _until_eof(client)
+
+
+async def _messages(handler: Handler, batches: int, upgrade: bytes, reply: bytes) -> float:
+    """Process CPU seconds for ``batches`` x 50 pipelined pings, all answered."""
+    server, client = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handler, server)
+        await client.send_all(upgrade)
+        leftover = await _read_until(client, READY)
+        start = time.process_time()
+        for _ in range(batches):
+            await client.send_all(PINGS)
+            answered = leftover.count(reply)
+            leftover = b""
+            while answered < BATCH:
+                answered += (await client.receive_some(65536)).count(reply)
+        spent = time.process_time() - start
+        await client.send_all(CLOSE)
+        await _until_eof(client)
+    return spent
+
+
+async def _bare(stream: trio.abc.Stream) -> None:
+    """What ``trio_websocket.serve_websocket`` does per connection, with the bare echo app."""
+    async with stream, trio.open_nursery() as nursery:
+        request = await trio_websocket.wrap_server_stream(nursery, stream)
+        ws = await request.accept()
+        try:
+            await ws.send_message('{"type":"session.ready"}')
+            while True:
+                await ws.send_message(await ws.get_message())
+        except trio_websocket.ConnectionClosed:
+            pass
+        nursery.cancel_scope.cancel()
+
+
+async def _measure(handshakes: int, rounds: int) -> dict[str, dict[str, float]]:
+    settings = settings_for_tests(
+        **{
+            "server.handshake_rate": 1e9,
+            "server.handshake_burst": 10**9,
+            "server.message_rate": 1e9,
+            "server.message_burst": 10**9,
+            "log.level": "warning",
+        }
+    )
+    async with open_gateway(settings) as gateway:
+        token = mint_token(
+            TEST_SECRET, "bench", now=gateway.clock.now(), ttl=3600, iss=TEST_ISSUER, aud=TEST_AUDIENCE
+        )
+        upgrade = _upgrade(token)
+        sides: dict[str, tuple[Handler, bytes]] = {
+            "wsgate": (gateway.connections.handle_stream, b'"pong"'),
+            "bare trio-websocket": (_bare, b'"ping"'),
+        }
+        per_handshake: dict[str, list[float]] = {name: [] for name in sides}
+        per_message: dict[str, list[float]] = {name: [] for name in sides}
+        for handler, _ in sides.values():
+            await _handshakes(handler, 50, upgrade)  # warm up
+        for _ in range(rounds):
+            for name, (handler, reply) in sides.items():
+                start = time.process_time()
+                await _handshakes(handler, handshakes, upgrade)
+                per_handshake[name].append((time.process_time() - start) / handshakes * 1e6)
+                batches = handshakes // 10
+                spent = await _messages(handler, batches, upgrade, reply)
+                per_message[name].append(spent / (batches * BATCH) * 1e6)
+    return {
+        "inproc_cpu_us_per_handshake": {n: statistics.median(v) for n, v in per_handshake.items()},
+        "inproc_cpu_us_per_message": {n: statistics.median(v) for n, v in per_message.items()},
+    }
+
+
+def measure_inprocess(quick: bool) -> dict[str, dict[str, float]]:
+    """Median process CPU microseconds per handshake and per message, for each side."""
+    handshakes, rounds = (300, 3) if quick else (1000, 5)
+    print(f"  in-process: {rounds} interleaved rounds of {handshakes} handshakes each", flush=True)
+    result: dict[str, dict[str, float]] = trio.run(_measure, handshakes, rounds)
+    return result
