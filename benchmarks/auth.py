@@ -159,7 +159,6 @@ async def outage(
             await asyncio.sleep(max(0.0, start + 2 * down_for - time.monotonic()))
             fake.control(mode="up")
             recovered_at = time.monotonic()
-            await publish_round(http, "recovered")
             while outcomes["degraded"] and time.monotonic() - recovered_at < 60:
                 # How long until no session is degraded any more.
                 text = (await http.get(f"{admin_url}/metrics")).text
@@ -168,6 +167,7 @@ async def outage(
                     revalidated_after = time.monotonic() - recovered_at
                     break
                 await asyncio.sleep(0.1)
+            await publish_round(http, "recovered")
 
     await asyncio.gather(script(), *(client(i) for i in range(clients)))
     calls = fake.control()["calls"] - calls_before

@@ -346,3 +346,41 @@ async def test_jwks_rotation_and_unknown_kid_flood(
             headers={"kid": "sym"},
         )
         assert status(await handshake(h, forged)) == 401
+
+
+async def test_rechecks_after_an_outage_leave_room_for_new_handshakes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every degraded session is re-checked once the service is back, with at most half of
+    breaker.max_concurrent_calls in flight, so a new handshake meanwhile is not queued."""
+    fake = FakeAuthService()
+    fake.mode = "down"
+    settings = {"breaker.max_concurrent_calls": 4, "breaker.half_open_calls": 1}
+    async with gateway(fake, "tolerant", **settings) as h, trio.open_nursery() as nursery:
+        ready = trio.Semaphore(0)
+
+        async def hold(n: int) -> None:
+            async with h.connect(h.token(f"user{n}")) as client:
+                assert (await client.receive_json())["degraded"] is True
+                ready.release()
+                await trio.sleep_forever()
+
+        for n in range(12):
+            nursery.start_soon(hold, n)
+        for _ in range(12):
+            await ready.acquire()
+        fake.mode = "up"
+        fake.latency = 0.3  # every re-check takes a while (under the slow-call mark)
+        calls = fake.calls
+        await fake.wait_for_calls(calls + 1)  # the probe: the breaker closes when it succeeds
+        await fake.wait_for_calls(calls + 2)  # then the other re-checks go
+        fake.max_in_flight = fake.in_flight
+        start = trio.current_time()
+        fresh = await handshake(h, h.token("newcomer"))
+        assert isinstance(fresh, dict) and fresh["degraded"] is False
+        assert trio.current_time() - start <= 0.3 + 1e-9  # one call's latency, no queue
+        # Twelve re-checks, two at a time, 0.3 s each: done well within one more open_wait.
+        await trio.sleep(h.gateway.settings.breaker.open_wait)
+        assert not any(s.degraded for s in h.gateway.registry.all_sessions())
+        assert fake.max_in_flight <= 2 + 1  # the re-checks' half, plus the newcomer's call
+        nursery.cancel_scope.cancel()

@@ -50,6 +50,13 @@ class FakeAuthService:
         self.cancelled = 0
         self.jwks_fetches = 0
         self.seen_authorization: list[str | None] = []
+        self._call_arrived = trio.Event()
+
+    async def wait_for_calls(self, count: int) -> None:
+        """Return once ``count`` introspection calls have arrived in all (no polling)."""
+        while self.calls < count:
+            await self._call_arrived.wait()
+            self._call_arrived = trio.Event()
 
     @property
     def introspection_url(self) -> str:
@@ -86,6 +93,7 @@ class FakeAuthService:
         if path != "/introspect" or method != "POST":
             return 404, {"error": "not_found"}
         self.calls += 1
+        self._call_arrived.set()
         self.seen_authorization.append(headers.get("authorization"))
         mode = self.script.popleft() if self.script else self.mode
         self.in_flight += 1

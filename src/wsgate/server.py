@@ -122,12 +122,21 @@ class Gateway:
             self._nursery.start_soon(self._revalidate_degraded)
 
     async def _revalidate_degraded(self) -> None:
-        """Re-check degraded sessions when the breaker changes state, and every ``open_wait``.
+        """Re-check degraded sessions when the breaker changes state, and every ``open_wait``,
+        using at most half of ``breaker.max_concurrent_calls``.
 
         The re-checks go through the breaker like any call, so while it is open they cost
         nothing, and they are what probes a recovered service when no handshake does.
         """
         transitions = self.breaker.subscribe()
+        # At most half of the breaker's calls in flight: after an outage, new handshakes are
+        # not queued behind the re-checks of every session admitted while it lasted.
+        limiter = trio.CapacityLimiter(max(1, self.settings.breaker.max_concurrent_calls // 2))
+
+        async def recheck(session: Session) -> None:
+            async with limiter:
+                await self.recheck(session)
+
         while True:
             with trio.move_on_after(self.settings.breaker.open_wait):
                 await transitions.receive()
@@ -135,7 +144,7 @@ class Gateway:
             if degraded:
                 async with trio.open_nursery() as nursery:
                     for session in degraded:
-                        nursery.start_soon(self.recheck, session)
+                        nursery.start_soon(recheck, session)
 
     async def recheck(self, session: Session) -> None:
         """Ask the auth service about a live session again; close it if it is no longer active."""
