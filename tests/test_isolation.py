@@ -282,3 +282,39 @@ async def test_drain_with_runs_in_flight(
                 assert [m["seq"] for m in received] == list(range(3, 3 + len(received)))
             assert trio.current_time() <= drain_timeout + 1
         assert len(h.gateway.registry) == 0
+
+
+async def test_a_ping_that_crosses_the_servers_close_is_not_a_bug(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client may ping while the server's close frame is on its way: the server must not
+    answer with a pong after its close (wsproto forbids it), and must still close cleanly."""
+    async with open_harness() as h:
+        stream = h.open_stream()
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        request = wsproto.events.Request(
+            host="x", target="/ws", extra_headers=[(b"authorization", f"Bearer {h.token('pinger')}".encode())]
+        )
+        await stream.send_all(ws.send(request))
+        while not any(
+            isinstance(e, wsproto.events.TextMessage) for e in _events(ws, await stream.receive_some())
+        ):
+            pass  # until session.ready
+        h.gateway.revoke(subject="pinger")  # the server closes with 4403...
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.send_all(ws.send(wsproto.events.Ping(payload=b"late")))  # ...as the client pings
+        code = None
+        while data := await stream.receive_some():
+            for event in _events(ws, data):
+                if isinstance(event, wsproto.events.CloseConnection):
+                    code = event.code
+                    await stream.send_all(ws.send(event.response()))
+        assert code == CloseCode.FORBIDDEN
+        await trio.testing.wait_all_tasks_blocked()  # the connection's task has ended
+        assert h.gateway.stats["close.4403"] == 1
+        assert h.gateway.stats["connection.bug"] == 0
+
+
+def _events(ws: wsproto.WSConnection, data: bytes | bytearray) -> list[wsproto.events.Event]:
+    ws.receive_data(bytes(data))
+    return list(ws.events())

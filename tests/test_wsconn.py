@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Pong, Request
+from wsproto.utilities import LocalProtocolError
 
 from wsgate.testing import open_harness, settings_for_tests
-from wsgate.wsconn import send_texts, wrap_server_stream
+from wsgate.wsconn import _AnsweringWSConnection, send_texts, wrap_server_stream
 
 
 class CountingStream(trio.abc.Stream):
@@ -68,3 +72,31 @@ async def test_a_burst_of_pushes_arrives_whole_and_in_order(autojump_clock: trio
         events = [await client.receive_json() for _ in range(300)]
     assert [e["event"]["n"] for e in events] == list(range(300))
     assert [e["seq"] for e in events] == list(range(ready["seq"] + 1, ready["seq"] + 301))
+
+
+def _opened_pair(ours: bool = True) -> tuple[WSConnection, WSConnection]:
+    """A client-side wsproto connection (ours, or plain wsproto's) and a plain server, open."""
+    client = (
+        _AnsweringWSConnection(ConnectionType.CLIENT, 16) if ours else WSConnection(ConnectionType.CLIENT)
+    )
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="x", target="/ws")))
+    assert isinstance(next(server.events()), Request)
+    client.receive_data(server.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    return client, server
+
+
+def test_a_pong_after_our_close_is_not_sent() -> None:
+    """trio-websocket answers every ping; one that crossed our close frame is dropped,
+    where plain wsproto raises (the gateway logged that as a bug of its own)."""
+    plain, _ = _opened_pair(ours=False)
+    plain.send(CloseConnection(code=1000))
+    with pytest.raises(LocalProtocolError):
+        plain.send(Pong(payload=b"late"))
+    ours, _ = _opened_pair()
+    ours.send(CloseConnection(code=1000))
+    assert ours.send(Pong(payload=b"late")) == b""
+    ours, theirs = _opened_pair()  # while open, a pong goes out as usual
+    theirs.receive_data(ours.send(Pong(payload=b"now")))
+    assert isinstance(next(theirs.events()), Pong)

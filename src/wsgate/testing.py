@@ -25,7 +25,6 @@ from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
     WebSocketConnection,
-    wrap_client_stream,
 )
 
 from .agent import Agent
@@ -34,6 +33,7 @@ from .config import Settings, load_settings
 from .fakeauth import FakeAuthService
 from .server import Gateway, open_gateway
 from .tokens import mint_token
+from .wsconn import wrap_client_stream
 
 TEST_SECRET = b"wsgate-testing-secret-not-for-production-use"
 TEST_ISSUER = "https://issuer.test"
@@ -187,7 +187,7 @@ class GatewayHarness:
                 with trio.fail_after(60):  # a test must never hang on a silent gateway
                     ws = await wrap_client_stream(
                         nursery,
-                        stream,  # type: ignore[arg-type]
+                        stream,
                         "wsgate.test",
                         path or self.gateway.settings.server.path,
                         subprotocols=protocols,
