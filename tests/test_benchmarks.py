@@ -1,0 +1,34 @@
+"""The benchmark helpers still work against the current gateway (no timing is asserted)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.__main__ import _median
+from benchmarks.auth import Held
+from benchmarks.inprocess import _measure
+
+
+async def test_the_in_process_comparison_runs_both_sides() -> None:
+    result = await _measure(handshakes=20, rounds=1)
+    for metric in ("inproc_cpu_us_per_handshake", "inproc_cpu_us_per_message"):
+        assert set(result[metric]) == {"wsgate", "bare trio-websocket"}
+        assert all(value > 0 for value in result[metric].values())
+
+
+def test_seq_gaps_count_the_missing_messages() -> None:
+    def messages(*seqs: int) -> list[dict[str, Any]]:
+        return [{"type": "event", "seq": s} for s in seqs]
+
+    held = Held("alice", None, {"type": "session.ready", "seq": 1})
+    held.messages += messages(2, 3, 5, 9)
+    assert held.seq_gaps() == 1 + 3
+    held = Held("bob", None, {"type": "session.ready", "seq": 1})
+    held.messages += messages(2, 3, 4)
+    assert held.seq_gaps() == 0
+
+
+def test_median_of_numbers_and_of_percentile_dicts() -> None:
+    assert _median([3.0, 1.0, 2.0]) == 2.0
+    rounds = [{"p50_ms": 1.0, "p99_ms": 5.0}, {"p50_ms": 3.0, "p99_ms": 4.0}, {"p50_ms": 2.0, "p99_ms": 9.0}]
+    assert _median(rounds) == {"p50_ms": 2.0, "p99_ms": 5.0}
