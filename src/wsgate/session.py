@@ -1,6 +1,9 @@
-"""One connection after the upgrade: a nursery of reader, writer and agent runs.
+"""One connection after the upgrade: a nursery of reader, writer, watchdog and agent runs.
 
-The session's tasks live and die together. Whatever ends the connection (the
+The reader is the nursery's body; the writer sends what is queued; the
+watchdog sleeps until the token lifecycle's next deadline or the next ping
+and starts a short heartbeat task for each ping; each agent run has a child
+scope. The session's tasks live and die together. Whatever ends the connection (the
 client leaving, a slow consumer, expiry, a bug) calls :meth:`Session.close`
 once with a close code; that cancels the nursery, queued messages are flushed
 within ``close_timeout``, and the WebSocket is closed with that code.
