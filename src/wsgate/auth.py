@@ -7,6 +7,7 @@ handshake, for first-message auth and for in-band refresh. It feeds the pure
 
 from __future__ import annotations
 
+import heapq
 import logging
 import secrets
 from collections import Counter
@@ -32,17 +33,26 @@ class Authenticated:
 
 
 class Revocations:
-    """Tokens (by ``jti``) and subjects revoked by the operator, until they can no longer matter."""
+    """Tokens (by ``jti``) and subjects revoked by the operator, until they can no longer matter.
+
+    Checked on every handshake, so forgetting what has expired costs O(log n) per entry,
+    not a scan of every revocation: jtis sit in a heap by when they stop mattering, and
+    subjects (all kept ``subject_ttl``) in revocation order.
+    """
 
     def __init__(self, subject_ttl: float = 86400.0) -> None:
         self._jti: dict[str, float] = {}
-        self._subjects: dict[tuple[str | None, str], float] = {}
+        self._jti_expiry: list[tuple[float, str]] = []  # heap; stale entries skipped on pop
+        self._subjects: dict[tuple[str | None, str], float] = {}  # oldest revocation first
         self._subject_ttl = subject_ttl
 
     def revoke_token(self, jti: str, until: float) -> None:
-        self._jti[jti] = max(until, self._jti.get(jti, until))
+        until = max(until, self._jti.get(jti, until))
+        self._jti[jti] = until
+        heapq.heappush(self._jti_expiry, (until, jti))
 
     def revoke_subject(self, key: tuple[str | None, str], now: float) -> None:
+        self._subjects.pop(key, None)  # re-inserted last: the order stays by time
         self._subjects[key] = now
 
     def is_revoked(self, identity: Identity, now: float) -> bool:
@@ -55,11 +65,21 @@ class Revocations:
         # Tokens issued after the revocation are new credentials; older (or undated) ones are not.
         return identity.issued_at is None or identity.issued_at <= revoked_at
 
+    def __len__(self) -> int:
+        return len(self._jti) + len(self._subjects)
+
     def _expire(self, now: float) -> None:
-        for jti in [j for j, until in self._jti.items() if until < now]:
-            del self._jti[jti]
-        for key in [k for k, at in self._subjects.items() if at + self._subject_ttl < now]:
-            del self._subjects[key]
+        expiry = self._jti_expiry
+        while expiry and expiry[0][0] < now:
+            until, jti = heapq.heappop(expiry)
+            if self._jti.get(jti) == until:  # not extended by a later revocation
+                del self._jti[jti]
+        subjects = self._subjects
+        while subjects:
+            key, at = next(iter(subjects.items()))
+            if at + self._subject_ttl >= now:
+                break
+            del subjects[key]
 
 
 class Authenticator:
