@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 
+from wsgate.cli import tune_gc
 from wsgate.config import effective, load_settings
 from wsgate.errors import ConfigError
 
@@ -87,3 +89,15 @@ def test_effective_masks_secrets() -> None:
     rows = dict(effective(load_settings(env={"WSGATE_AUTH__HMAC_SECRET": SECRET})))
     assert rows["auth.hmac_secret"] == "***"
     assert SECRET not in str(rows)
+
+
+def test_tune_gc_sets_the_young_threshold_and_zero_leaves_it_alone() -> None:
+    before = gc.get_threshold()
+    try:
+        assert tune_gc(12345) == before
+        assert gc.get_threshold() == (12345, before[1], before[2])
+        tune_gc(0)
+        assert gc.get_threshold()[0] == 12345
+    finally:
+        gc.set_threshold(*before)
+    assert load_settings(None, env={}).server.gc_threshold == 10_000

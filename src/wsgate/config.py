@@ -80,6 +80,7 @@ class ServerSettings:
     drain_reconnect_jitter: float = attrs.field(default=5.0, validator=_non_negative())
     max_connections: int = attrs.field(default=10000, validator=_positive())
     max_connections_per_user: int = attrs.field(default=10, validator=_positive())
+    gc_threshold: int = attrs.field(default=10_000, validator=_between(0, 10_000_000))
 
 
 @attrs.frozen
