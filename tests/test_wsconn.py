@@ -7,7 +7,8 @@ import trio
 import trio.testing
 import trio_websocket
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Pong, Request
+from wsproto.connection import ConnectionState
+from wsproto.events import AcceptConnection, CloseConnection, Pong, Request, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from wsgate.testing import open_harness, settings_for_tests
@@ -100,3 +101,23 @@ def test_a_pong_after_our_close_is_not_sent() -> None:
     ours, theirs = _opened_pair()  # while open, a pong goes out as usual
     theirs.receive_data(ours.send(Pong(payload=b"now")))
     assert isinstance(next(theirs.events()), Pong)
+
+
+def test_the_opening_handshake_is_let_go_once_over() -> None:
+    """wsproto keeps its h11 handshake state for the connection's life; ours drops it (a few
+    KiB per idle connection) once its last event is out, and the connection works on."""
+    client = _AnsweringWSConnection(ConnectionType.CLIENT, max_fragments=16)
+    server = _AnsweringWSConnection(ConnectionType.SERVER, max_fragments=16)
+    server.receive_data(client.send(Request(host="x", target="/ws")))
+    assert isinstance(next(server.events()), Request)
+    assert hasattr(server, "handshake")
+    client.receive_data(server.send(AcceptConnection()))
+    assert not hasattr(server, "handshake")  # let go as it sent the upgrade
+    assert hasattr(client, "handshake")  # AcceptConnection is still to be handed out
+    assert [type(e) for e in client.events()] == [AcceptConnection]  # as trio-websocket reads
+    assert not hasattr(client, "handshake")
+    server.receive_data(client.send(TextMessage(data="later")))
+    client.receive_data(server.send(TextMessage(data="back")))
+    assert [e.data for e in server.events() if isinstance(e, TextMessage)] == ["later"]
+    assert [e.data for e in client.events() if isinstance(e, TextMessage)] == ["back"]
+    assert server.state is client.state is ConnectionState.OPEN

@@ -35,6 +35,7 @@ class _AnsweringWSConnection(WSConnection):
         super().__init__(connection_type)
         self._max_fragments = max_fragments
         self._fragments = 0
+        self._upgraded = False
 
     def send(self, event: Event) -> bytes:
         if isinstance(event, Pong) and self.state is not ConnectionState.OPEN:
@@ -45,10 +46,34 @@ class _AnsweringWSConnection(WSConnection):
             return b"".join(
                 super(_AnsweringWSConnection, self).send(TextMessage(data=m)) for m in event.messages
             )
-        return super().send(event)
+        data = super().send(event)
+        if not self.client and not self._upgraded and self.connection is not None:
+            self._drop_handshake()  # a server's upgrade is sent; its one event, the Request, is out
+        return data
+
+    def _drop_handshake(self) -> None:
+        """Let go of the opening handshake once it is over (see :meth:`_events`)."""
+        self._upgraded = True
+        del self.handshake
+
+    def _events(self) -> Generator[Event, None, None]:
+        """``WSConnection.events``, letting go of the opening handshake once it is over.
+
+        wsproto keeps its H11Handshake (an h11 connection and its buffers, a few KiB)
+        for the life of the connection but never uses it again once ``connection`` is
+        set: only ``state``, ``send`` and ``receive_data`` look at it, and only before.
+        It is dropped once its last events are out: for a server, when it sends the
+        upgrade; for a client, after the AcceptConnection event.
+        """
+        if not self._upgraded:
+            yield from self.handshake.events()
+            if self.connection is not None:
+                self._drop_handshake()
+        if self.connection is not None:
+            yield from self.connection.events()
 
     def events(self) -> Generator[Event, None, None]:
-        for event in super().events():
+        for event in self._events():
             if isinstance(event, TextMessage | BytesMessage):
                 # Bound the pieces of one message, not only its size: each piece costs an
                 # object of its own while trio-websocket assembles the message.
