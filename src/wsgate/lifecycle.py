@@ -33,6 +33,8 @@ class LifecycleConfig:
 
 
 class TokenLifecycle:
+    __slots__ = ("_next_check", "_warn_at", "_warned", "config", "expires_at", "refreshes")
+
     def __init__(
         self, config: LifecycleConfig, expires_at: float, issued_at: float | None, now: float
     ) -> None:

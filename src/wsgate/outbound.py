@@ -105,13 +105,12 @@ class OutboundQueue:
             if self._waiter is not None:
                 raise trio.BusyResourceError("another task is already waiting on this queue")
             self._waiter = trio.lowlevel.current_task()
-
-            def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-                self._waiter = None
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            await trio.lowlevel.wait_task_rescheduled(self._abort_take)
         return taken
+
+    def _abort_take(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def close(self) -> None:
         """Refuse further messages; what is queued can still be taken."""

@@ -77,6 +77,15 @@ class Gateway:
         self.registry = Registry(
             per_user=settings.server.max_connections_per_user, total=settings.server.max_connections
         )
+        # Shared by every session: indexed by whether the session keeps its token for re-checks.
+        self._lifecycles = tuple(
+            LifecycleConfig(
+                refresh_ahead=auth.refresh_ahead,
+                grace=auth.expiry_grace,
+                revalidate_interval=auth.revalidate_interval if rechecked else None,
+            )
+            for rechecked in (False, True)
+        )
         self.stats: Counter[str] = Counter()
         self.addresses: list[tuple[str, int]] = []
         self.admin_port: int | None = None
@@ -190,11 +199,7 @@ class Gateway:
         identity = admission.identity
         auth = self.settings.auth
         lifecycle = TokenLifecycle(
-            LifecycleConfig(
-                refresh_ahead=auth.refresh_ahead,
-                grace=auth.expiry_grace,
-                revalidate_interval=auth.revalidate_interval if admission.token is not None else None,
-            ),
+            self._lifecycles[admission.token is not None],
             identity.expires_at,
             identity.issued_at,
             self.clock.now(),
