@@ -23,6 +23,8 @@ UserKey = tuple[str | None, str]
 class Hub:
     """The sessions of one user."""
 
+    __slots__ = ("key", "leases", "sessions")
+
     def __init__(self, key: UserKey) -> None:
         self.key = key
         self.sessions: set[Session] = set()
@@ -31,6 +33,8 @@ class Hub:
 
 class Lease:
     """One connection's place in the registry, from admission to close."""
+
+    __slots__ = ("_hub", "_registry", "_released", "_session")
 
     def __init__(self, registry: Registry, hub: Hub) -> None:
         self._registry = registry
