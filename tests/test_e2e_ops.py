@@ -159,3 +159,29 @@ def test_sigterm_drains_with_1001_and_exits_0(tmp_path: Path) -> None:
     assert server.proc.wait(timeout=15) == 0
     assert time.monotonic() - start < 10
     stop(server)
+
+
+def test_the_handshake_limit_is_per_client_address(tmp_path: Path) -> None:
+    """One address using up its handshakes must not refuse another address."""
+    server = start_server(
+        tmp_path, env={"WSGATE_SERVER__HANDSHAKE_RATE": "0.01", "WSGATE_SERVER__HANDSHAKE_BURST": "2"}
+    )
+    gateway = Gateway(server)
+
+    async def attempt(source: str) -> int:
+        try:
+            async with websockets.connect(
+                server.url, additional_headers=gateway.headers("alice"), local_addr=(source, 0)
+            ) as ws:
+                await recv(ws)
+                return 101
+        except websockets.InvalidStatus as refused:
+            return refused.response.status_code
+
+    async def scenario() -> list[int]:
+        return [await attempt(source) for source in ("127.0.0.1",) * 3 + ("127.0.0.2",) * 2]
+
+    try:
+        assert asyncio.run(scenario()) == [101, 101, 429, 101, 101]
+    finally:
+        stop(server)

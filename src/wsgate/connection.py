@@ -21,7 +21,7 @@ from .protocol import Auth, ProtocolError, encode, parse_client_message
 from .ratelimit import RateLimiter
 from .registry import Lease
 from .sources import extract_credentials
-from .streams import RESPONSE_431, GuardedStream
+from .streams import RESPONSE_431, GuardedStream, peer_address
 from .tokens import TokenSource
 from .wsconn import wrap_server_stream
 
@@ -121,7 +121,7 @@ class ConnectionServer:
                 max_message_size=server.max_message_bytes,
                 max_fragments=server.max_fragments,
             )
-            opened = await self._open(request)
+            opened = await self._open(request, peer_address(stream))
         guarded.watch(None)
         if deadline.cancelled_caught:
             if opened is not None and opened.lease is not None:
@@ -150,11 +150,11 @@ class ConnectionServer:
             self._gateway.stats["handshake.timeout"] += 1
             log.info("handshake timed out", extra={"event": "handshake.timeout"})
 
-    async def _open(self, request: WebSocketRequest) -> _Opened | None:
+    async def _open(self, request: WebSocketRequest, peer: str) -> _Opened | None:
         """Admit and upgrade, or refuse with the HTTP status; None when refused."""
         lease: Lease | None = None
         try:
-            admission = await self.admit(request)
+            admission = await self.admit(request, peer=peer)
             if isinstance(admission, Admission):
                 lease = self._gateway.registry.lease(admission.identity.user_key)
         except GatewayError as error:
@@ -230,13 +230,13 @@ class ConnectionServer:
                 )
             await ws.aclose(int(code), reason)
 
-    async def admit(self, request: WebSocketRequest) -> Admission | Pending:
-        """Decide on one upgrade request, or raise the :class:`GatewayError` to answer with."""
+    async def admit(self, request: WebSocketRequest, *, peer: str = "local") -> Admission | Pending:
+        """Decide on one upgrade request from the client at address ``peer``, or raise the
+        :class:`GatewayError` to answer with."""
         if self._gateway.draining:
             raise Unavailable(
                 "server is draining", retry_after=self._gateway.settings.server.drain_reconnect_jitter or 1
             )
-        peer = _peer(request)
         if not self._handshakes.allow(peer, trio.current_time()):
             raise TooManyRequests(
                 "too many handshakes from this address", retry_after=self._handshakes.retry_after(peer)
@@ -266,11 +266,6 @@ class ConnectionServer:
             result.degraded,
             token=self._gateway._kept(credentials.token or ""),
         )
-
-
-def _peer(request: WebSocketRequest) -> str:
-    remote = request.remote
-    return str(getattr(remote, "address", "local"))
 
 
 async def _echo(ws: WebSocketConnection) -> None:

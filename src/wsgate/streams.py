@@ -112,3 +112,19 @@ class GuardedStream(trio.abc.Stream):
         """Write bytes below the WebSocket layer (the 431 refusal)."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._stream.send_all(data)
+
+
+def peer_address(stream: trio.abc.Stream) -> str:
+    """The client's IP address, for per-address limits ("local" for in-memory streams).
+
+    Read from the transport: trio-websocket's ``remote`` only knows trio's own socket
+    streams, and the handshake sees the connection through :class:`GuardedStream`.
+    """
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            return str(stream.socket.getpeername()[0])
+        except OSError:
+            return "unknown"  # already gone; the handshake will end on its own
+    return "local"

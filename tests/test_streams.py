@@ -1,0 +1,33 @@
+"""The stream under the handshake: whose connection it is."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from wsgate.streams import GuardedStream, peer_address
+
+
+async def test_peer_address_comes_from_the_transport() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        addresses: list[str] = []
+
+        async def serve(stream: trio.SocketStream) -> None:
+            addresses.append(peer_address(stream))
+            # Wrapped for the handshake, the stream no longer tells trio-websocket its peer.
+            assert peer_address(GuardedStream(stream)) == "local"
+            await stream.aclose()
+
+        await nursery.start(trio.serve_listeners, serve, listeners)
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await client.receive_some() == b""
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert addresses == ["127.0.0.1"]
+
+
+def test_an_in_memory_stream_is_local() -> None:
+    client, _ = trio.testing.memory_stream_pair()
+    assert peer_address(client) == "local"
