@@ -384,3 +384,18 @@ async def test_rechecks_after_an_outage_leave_room_for_new_handshakes(
         assert not any(s.degraded for s in h.gateway.registry.all_sessions())
         assert fake.max_in_flight <= 2 + 1  # the re-checks' half, plus the newcomer's call
         nursery.cancel_scope.cancel()
+
+
+async def test_an_anonymous_demo_session_is_not_rechecked(autojump_clock: trio.testing.MockClock) -> None:
+    """There is no token to ask the auth service about: an anonymous session is never
+    re-validated (it used to be re-checked with an empty token, then closed 4403)."""
+    fake = FakeAuthService()
+    async with (
+        gateway(fake, "demo", **{"auth.revalidate_interval": 60}) as h,
+        h.connect(None) as client,
+    ):
+        assert (await client.receive_json())["anonymous"] is True
+        await trio.sleep(200)  # three re-validation intervals
+        assert fake.calls == 0
+        await client.send_json({"type": "ping"})
+        assert (await client.receive_json())["type"] == "pong"

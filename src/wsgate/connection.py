@@ -264,7 +264,7 @@ class ConnectionServer:
             result.identity,
             credentials.subprotocol,
             result.degraded,
-            token=self._gateway._kept(credentials.token or ""),
+            token=self._gateway._kept(credentials.token),  # None for an anonymous (demo) session
         )
 
 

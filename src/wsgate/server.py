@@ -192,7 +192,7 @@ class Gateway:
         """Serve one connection over ``stream``, from the HTTP upgrade to the close (never raises)."""
         await self.connections.handle_stream(stream)
 
-    def _kept(self, token: str) -> str | None:
+    def _kept(self, token: str | None) -> str | None:
         return token if self.auth.introspection is not None else None
 
     def new_session(self, ws: WebSocketConnection, admission: Admission) -> Session:
