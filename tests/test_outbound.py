@@ -20,15 +20,15 @@ def test_fifo_against_a_deque(ops: list[str | None]) -> None:
     model: deque[str] = deque()
     for op in ops:
         if op is None:
-            assert queue.get_nowait() == (model.popleft() if model else None)
+            assert queue.take_nowait() == ([model.popleft()] if model else [])
         else:
             accepted = queue.put_nowait(op)
             assert accepted == (len(model) < 200)
             if accepted:
                 model.append(op)
         assert len(queue) == len(model)
-    assert [queue.get_nowait() for _ in range(len(model))] == list(model)
-    assert queue.get_nowait() is None
+    assert [queue.take_nowait() for _ in range(len(model))] == [[text] for text in model]
+    assert queue.take_nowait() == []
 
 
 def test_bounded_by_bytes_as_well_as_count() -> None:
@@ -37,7 +37,7 @@ def test_bounded_by_bytes_as_well_as_count() -> None:
     assert queue.put_nowait("y" * 6)  # 12 bytes: now full
     assert queue.full
     assert not queue.put_nowait("z")
-    assert queue.get_nowait() == "x" * 6
+    assert queue.take_nowait() == ["x" * 6]
     assert not queue.full
     assert queue.put_nowait("z")
 
@@ -87,16 +87,16 @@ async def test_put_waits_while_full_and_close_releases_it() -> None:
         nursery.start_soon(putter, "b")
         await trio.testing.wait_all_tasks_blocked()
         assert results == []
-        assert queue.get_nowait() == "a"  # room again: the putter goes on
+        assert queue.take_nowait() == ["a"]  # room again: the putter goes on
     assert results == [True]
-    assert queue.get_nowait() == "b"
+    assert queue.take_nowait() == ["b"]
     queue.put_nowait("c")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(putter, "d")
         await trio.testing.wait_all_tasks_blocked()
         queue.close()
     assert results == [True, False]
-    assert queue.get_nowait() == "c"  # what was queued can still be taken
+    assert queue.take_nowait() == ["c"]  # what was queued can still be taken
     assert not queue.put_nowait("e")
 
 

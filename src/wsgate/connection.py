@@ -202,9 +202,7 @@ class ConnectionServer:
         try:
             with trio.fail_after(auth.deadline + 1):
                 result = await self._gateway.auth.authenticate(message.token, TokenSource.FIRST_MESSAGE)
-            admission = Admission(
-                result.identity, ws.subprotocol, result.degraded, token=self._gateway._kept(message.token)
-            )
+            admission = self._gateway.admission(result, ws.subprotocol, message.token)
             lease = self._gateway.registry.lease(result.identity.user_key)
         except GatewayError as error:
             await self._refuse_open(ws, error.close_code, error.reason, f"first_message.{error.status}")
@@ -257,15 +255,10 @@ class ConnectionServer:
         )
         if credentials.source is TokenSource.COOKIE and origin is None:
             raise Forbidden("a cookie token needs an Origin header")
-        if credentials.token is None and self._gateway.settings.auth.first_message:
+        if credentials.token is None and auth.first_message:
             return Pending(credentials.subprotocol)
         result = await self._gateway.auth.authenticate(credentials.token, credentials.source)
-        return Admission(
-            result.identity,
-            credentials.subprotocol,
-            result.degraded,
-            token=self._gateway._kept(credentials.token),  # None for an anonymous (demo) session
-        )
+        return self._gateway.admission(result, credentials.subprotocol, credentials.token)
 
 
 async def _echo(ws: WebSocketConnection) -> None:

@@ -94,11 +94,6 @@ class OutboundQueue:
             self._not_full = None
         return taken
 
-    def get_nowait(self) -> str | None:
-        """The oldest queued message, or None."""
-        taken = self.take_nowait()
-        return taken[0] if taken else None
-
     async def take(self, max_items: int = 1, max_bytes: int = 0) -> list[str]:
         """Like :meth:`take_nowait`, waiting until something is queued; one waiter at a time."""
         while not (taken := self.take_nowait(max_items, max_bytes)):

@@ -21,7 +21,7 @@ from trio_websocket import WebSocketConnection
 
 from .admin import AdminApp
 from .agent import Agent, builtin_agent
-from .auth import Authenticator
+from .auth import Authenticated, Authenticator
 from .breaker import BreakerConfig, CircuitBreaker
 from .breaker_actor import BreakerActor
 from .clock import WallClock
@@ -192,8 +192,11 @@ class Gateway:
         """Serve one connection over ``stream``, from the HTTP upgrade to the close (never raises)."""
         await self.connections.handle_stream(stream)
 
-    def _kept(self, token: str | None) -> str | None:
-        return token if self.auth.introspection is not None else None
+    def admission(self, result: Authenticated, subprotocol: str | None, token: str | None) -> Admission:
+        """What an authenticated token admits. The token itself is kept (in memory only)
+        where the auth service may re-check it, and never for an anonymous session."""
+        kept = token if self.auth.introspection is not None else None
+        return Admission(result.identity, subprotocol, result.degraded, token=kept)
 
     def new_session(self, ws: WebSocketConnection, admission: Admission) -> Session:
         identity = admission.identity
@@ -232,7 +235,7 @@ class Gateway:
         except GatewayError as error:
             self.stats[f"refresh.{error.status}"] += 1
             raise
-        return Admission(result.identity, None, result.degraded, token=self._kept(token))
+        return self.admission(result, None, token)
 
     # -- operator API -----------------------------------------------------------
 

@@ -180,8 +180,12 @@ class Session:
         with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
             await self._outbound.put(text)
         if waited.cancelled_caught:
-            self.stats["send.slow_consumer_closed"] += 1
-            self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
+            self._close_slow_consumer()
+
+    def _close_slow_consumer(self) -> None:
+        """Its queue stayed full for ``slow_consumer_timeout``: 1008."""
+        self.stats["send.slow_consumer_closed"] += 1
+        self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
 
     def offer(self, message: dict[str, Any]) -> bool:
         """Queue without waiting (server push). When full, the message is dropped, the
@@ -202,8 +206,7 @@ class Session:
         with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
             await self._outbound.wait_not_full()
         if waited.cancelled_caught:
-            self.stats["send.slow_consumer_closed"] += 1
-            self.close(CloseCode.POLICY_VIOLATION, "slow consumer")
+            self._close_slow_consumer()
             return
         dropped, self._dropped, self._overflow_watch = self._dropped, 0, False
         await self.send(

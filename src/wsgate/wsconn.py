@@ -1,4 +1,4 @@
-"""The server side of a WebSocket: trio-websocket over wsproto, with one fix.
+"""A WebSocket: trio-websocket over our subclass of wsproto's connection.
 
 wsproto reports a frame it cannot accept (invalid UTF-8, a protocol error) as
 a ``CloseConnection`` carrying the right code (1007, 1002) but leaves the
@@ -7,7 +7,8 @@ frame and the client never learns why. Marking the connection as closed by
 the remote side makes trio-websocket answer with that code first, as RFC 6455
 asks. It also caps the fragments of one message (1009 beyond the cap), does
 not answer a ping that crossed our close frame (trio-websocket would try, and
-wsproto raise), and lets several queued messages go out in one write
+wsproto raise), lets go of the opening handshake's state once the upgrade
+is done, and lets several queued messages go out in one write
 (:func:`send_texts`).
 """
 
