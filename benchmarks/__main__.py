@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt
 import websockets
 
 from .auth import ADMIN_API_KEY, FakeAuth, auth_path, outage
 from .inprocess import measure_inprocess
 from .plot import plot_outage
-from .servers import AUDIENCE, ISSUER, SECRET
+from .servers import AUDIENCE, ISSUER, SECRET, token
 
 ROOT = Path(__file__).resolve().parent.parent
 WSGATE_ENV = {
@@ -100,12 +99,6 @@ def start_all() -> dict[str, Server]:
         "bare trio-websocket": Server("bare", [sys.executable, "-m", "benchmarks.servers", "bare"]),
         "websockets + pyjwt": Server("peer", [sys.executable, "-m", "benchmarks.servers", "peer"]),
     }
-
-
-def token(subject: str) -> str:
-    now = int(time.time())
-    payload = {"sub": subject, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 3600}
-    return jwt.encode(payload, SECRET, algorithm="HS256")
 
 
 def headers(subject: str = "bench") -> dict[str, str]:

@@ -15,10 +15,9 @@ from collections import Counter
 from typing import Any
 
 import httpx
-import jwt
 import websockets
 
-from .servers import AUDIENCE, ISSUER, SECRET
+from .servers import token
 
 
 class FakeAuth:
@@ -41,12 +40,6 @@ class FakeAuth:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-
-
-def token(subject: str, jti: str) -> str:
-    now = int(time.time())
-    claims = {"sub": subject, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 3600, "jti": jti}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 async def handshake_rate(url: str, tokens: list[str], concurrency: int) -> float:

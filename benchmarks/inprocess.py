@@ -124,7 +124,12 @@ async def _measure(handshakes: int, rounds: int) -> dict[str, dict[str, float]]:
     )
     async with open_gateway(settings) as gateway:
         token = mint_token(
-            TEST_SECRET, "bench", now=gateway.clock.now(), ttl=3600, iss=TEST_ISSUER, aud=TEST_AUDIENCE
+            TEST_SECRET,
+            "bench",
+            now=gateway.clock.now(),
+            ttl=3600,
+            issuer=TEST_ISSUER,
+            audience=TEST_AUDIENCE,
         )
         upgrade = _upgrade(token)
         sides: dict[str, tuple[Handler, bytes]] = {

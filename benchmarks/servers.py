@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import http
 import sys
+import time
 
 import jwt
 import trio
@@ -21,9 +22,19 @@ import websockets
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from wsgate.tokens import mint_token
+
 SECRET = "benchmark-secret-hs256-0123456789abcdef"
 ISSUER, AUDIENCE = "bench", "wsgate"
 READY = '{"type":"session.ready"}'
+
+
+def token(subject: str, jti: str | None = None) -> str:
+    """An hour's HS256 token that all three servers accept."""
+    claims = {"jti": jti} if jti is not None else {}
+    return mint_token(
+        SECRET.encode(), subject, now=time.time(), ttl=3600, issuer=ISSUER, audience=AUDIENCE, **claims
+    )
 
 
 async def bare() -> None:
