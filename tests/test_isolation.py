@@ -177,21 +177,31 @@ async def test_a_consumer_that_catches_up_is_told_what_it_missed(
         assert told["code"] == "events_dropped" and told["dropped"] == results.count(0)
 
 
-async def _raw_client(
-    h: Any, token: str, pings: list[float], messages: list[dict[str, Any]], *, answer: bool = True
-) -> tuple[int | None, float | None]:
-    """A wsproto client that notes when each ping came and answers it (unless ``answer`` is
-    False), reading until the server ends the stream: (close code, when the close came)."""
+async def _raw_open(h: Any, token: str) -> tuple[trio.abc.Stream, wsproto.WSConnection]:
+    """A bare wsproto client's upgrade request, sent with ``token`` over a harness stream."""
     stream = h.open_stream()
     ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
     request = wsproto.events.Request(
         host="x", target="/ws", extra_headers=[(b"authorization", f"Bearer {token}".encode())]
     )
     await stream.send_all(ws.send(request))
+    return stream, ws
+
+
+def _events(ws: wsproto.WSConnection, data: bytes | bytearray) -> list[wsproto.events.Event]:
+    ws.receive_data(bytes(data))
+    return list(ws.events())
+
+
+async def _raw_client(
+    h: Any, token: str, pings: list[float], messages: list[dict[str, Any]], *, answer: bool = True
+) -> tuple[int | None, float | None]:
+    """A wsproto client that notes when each ping came and answers it (unless ``answer`` is
+    False), reading until the server ends the stream: (close code, when the close came)."""
+    stream, ws = await _raw_open(h, token)
     code, closed_at = None, None
     while data := await stream.receive_some():
-        ws.receive_data(bytes(data))
-        for event in ws.events():
+        for event in _events(ws, data):
             if isinstance(event, wsproto.events.Ping):
                 pings.append(trio.current_time())
                 if answer:
@@ -290,12 +300,7 @@ async def test_a_ping_that_crosses_the_servers_close_is_not_a_bug(
     """A client may ping while the server's close frame is on its way: the server must not
     answer with a pong after its close (wsproto forbids it), and must still close cleanly."""
     async with open_harness() as h:
-        stream = h.open_stream()
-        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        request = wsproto.events.Request(
-            host="x", target="/ws", extra_headers=[(b"authorization", f"Bearer {h.token('pinger')}".encode())]
-        )
-        await stream.send_all(ws.send(request))
+        stream, ws = await _raw_open(h, h.token("pinger"))
         while not any(
             isinstance(e, wsproto.events.TextMessage) for e in _events(ws, await stream.receive_some())
         ):
@@ -313,8 +318,3 @@ async def test_a_ping_that_crosses_the_servers_close_is_not_a_bug(
         await trio.testing.wait_all_tasks_blocked()  # the connection's task has ended
         assert h.gateway.stats["close.4403"] == 1
         assert h.gateway.stats["connection.bug"] == 0
-
-
-def _events(ws: wsproto.WSConnection, data: bytes | bytearray) -> list[wsproto.events.Event]:
-    ws.receive_data(bytes(data))
-    return list(ws.events())
