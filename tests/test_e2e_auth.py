@@ -94,10 +94,9 @@ def test_strict_with_a_real_introspection_server(tmp_path: Path, fake: Fake) -> 
         for i in range(10):
             assert asyncio.run(outcome(server.url, token(f"v{i}")))[0] == 503
         assert fake.calls == calls
-        time.sleep(2.2)  # breaker.open_wait
-        fake.control(mode="up")
-        assert asyncio.run(outcome(server.url, token("carol")))[0] == 101
-        assert fake.calls == calls + 1
+        # What follows open_wait (one probe, then admitted once the service is back) is a
+        # matter of time: test_breaker_trips_rejects_without_calling_probes_and_closes drives
+        # it with MockClock instead of waiting out the real wait here.
     finally:
         stop(server)
 
