@@ -225,9 +225,9 @@ class Session:
                 self._nursery = nursery
                 if self.close_code is not None:
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(self._writer)
+                nursery.start_soon(self._writer, name="wsgate.session.writer")
                 await self.send(self._ready_message())
-                nursery.start_soon(self._watchdog, nursery)
+                nursery.start_soon(self._watchdog, nursery, name="wsgate.session.watchdog")
                 # The reader is the nursery's own body: one task fewer per connection.
                 await self._reader(nursery)
         except Exception:
@@ -339,7 +339,7 @@ class Session:
             if self._refresh_rate_exceeded():
                 self.close(CloseCode.RATE_LIMITED, "too many token refreshes")
                 return
-            nursery.start_soon(self._refresh, message.token)
+            nursery.start_soon(self._refresh, message.token, name="wsgate.session.refresh")
         elif isinstance(message, Auth):
             await self.send_error("already_authenticated", "this connection is already authenticated")
 
@@ -405,7 +405,7 @@ class Session:
                 await trio.sleep_forever()
             if self._ping_at is not None and trio.current_time() >= self._ping_at:
                 self._ping_at = None  # the ping task sets the next one once answered
-                nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._heartbeat, name="wsgate.session.heartbeat")
             for action in self.lifecycle.due(self._hooks.wall_now()):
                 if action is Action.EXPIRE:
                     self.close(CloseCode.UNAUTHORIZED, "token expired")
@@ -420,7 +420,7 @@ class Session:
                         }
                     )
                 elif action is Action.REVALIDATE and self._token is not None:
-                    nursery.start_soon(self._hooks.recheck, self)
+                    nursery.start_soon(self._hooks.recheck, self, name="wsgate.session.recheck")
 
     def revoke(self) -> None:
         """Close this session because its token or subject was revoked."""
@@ -458,7 +458,7 @@ class Session:
         run_id = f"r{self._last_run}"
         scope = trio.CancelScope()
         self._runs[run_id] = scope
-        nursery.start_soon(self._run_agent, run_id, message, scope)
+        nursery.start_soon(self._run_agent, run_id, message, scope, name="wsgate.session.run")
 
     async def _run_agent(self, run_id: str, message: UserMessage, scope: trio.CancelScope) -> None:
         completed = False

@@ -108,7 +108,7 @@ async def wrap_server_stream(
         message_queue_size=message_queue_size,
         max_message_size=max_message_size,
     )
-    nursery.start_soon(connection._reader_task)
+    nursery.start_soon(connection._reader_task, name="trio_websocket.reader")
     request: WebSocketRequest = await connection._get_request()
     return request
 
@@ -150,6 +150,6 @@ async def wrap_client_stream(
         client_extra_headers=extra_headers,
         max_message_size=max_message_size,
     )
-    nursery.start_soon(connection._reader_task)
+    nursery.start_soon(connection._reader_task, name="trio_websocket.reader")
     await connection._open_handshake.wait()
     return connection
