@@ -6,14 +6,19 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jwt.api_jws import PyJWS
 
+from wsgate import tokens
 from wsgate.config import AuthSettings, KeySettings
 from wsgate.errors import ConfigError
-from wsgate.tokens import TokenRejected, TokenSource, TokenVerifier, VerificationKey, load_keys
+from wsgate.tokens import _JWS, TokenRejected, TokenSource, TokenVerifier, VerificationKey, load_keys
 
 SECRET = b"s" * 64
 NOW = 1_800_000_000.0
@@ -246,3 +251,26 @@ def test_keys_are_prepared_without_touching_pyjwt_globals() -> None:
         verify(hs(claims(), secret=b"t" * 64))
     assert type(jwt.api_jws._jws_global_obj._algorithms["HS256"]) is jwt.algorithms.HMACAlgorithm
     assert jwt.decode(token, SECRET, algorithms=["HS256"], audience=AUD, issuer=ISS)["sub"] == "alice"
+
+
+_SEGMENT_BYTES = st.sampled_from(list(b"ABCXYZabcxyz0189-_=+/.!\x00 \xff"))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_SEGMENT_BYTES, max_size=12).map(bytes) | st.binary(max_size=9).map(base64.urlsafe_b64encode))
+def test_segment_decoding_matches_pyjwt(segment: bytes) -> None:
+    """Our C-speed alphabet check accepts and refuses exactly what PyJWT's loop does."""
+
+    def outcome(decode: Callable[[bytes, str], bytes]) -> bytes | str:
+        try:
+            return decode(segment, "payload")
+        except jwt.DecodeError as exc:
+            return str(exc)
+
+    assert outcome(_JWS._decode_base64url_segment) == outcome(PyJWS._decode_base64url_segment)
+
+
+def test_tokens_are_verified_through_our_segment_decoding() -> None:
+    assert isinstance(tokens._JWT._jws, _JWS)
+    with pytest.raises(TokenRejected, match="malformed token"):
+        verify(hs(claims()).replace(".", "!.", 1))

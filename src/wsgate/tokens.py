@@ -22,6 +22,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import HMACAlgorithm
+from jwt.api_jws import PyJWS
+from jwt.utils import base64url_decode, base64url_encode
 
 from .config import HMAC_ALGORITHMS, AuthSettings, KeySettings
 from .errors import ConfigError, Unauthorized
@@ -118,10 +120,42 @@ class _PreparedHMAC(HMACAlgorithm):
         return super().prepare_key(key)
 
 
+_BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+class _JWS(PyJWS):
+    """PyJWS, with the alphabet check of each token segment done in C.
+
+    PyJWT checks every character of a segment against the base64url alphabet in a
+    Python generator: a third of a token's verification time. ``bytes.translate``
+    deletes the alphabet's characters in C; anything left over is junk. Otherwise
+    this is PyJWT's own ``_decode_base64url_segment`` step for step, and a property
+    test holds the two to the same answer for the same input.
+    """
+
+    @staticmethod
+    def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
+        stripped = segment.rstrip(b"=")
+        padding = len(segment) - len(stripped)
+        if padding > 2 or (padding and len(segment) % 4 != 0):
+            raise jwt.DecodeError(f"Invalid {name} padding")
+        if len(stripped) % 4 == 1 or stripped.translate(None, _BASE64URL_ALPHABET):
+            raise jwt.DecodeError(f"Invalid {name} padding")
+        try:
+            decoded = base64url_decode(stripped)
+        except (TypeError, binascii.Error) as err:
+            raise jwt.DecodeError(f"Invalid {name} padding") from err
+        if base64url_encode(decoded) != stripped:
+            raise jwt.DecodeError(f"Invalid {name} padding")
+        return decoded
+
+
 def _pyjwt() -> jwt.PyJWT:
-    """A PyJWT of our own (the module's global one stays untouched) with the HMAC
-    algorithms above. ``_jws`` is the PyJWS a PyJWT instance verifies with (PyJWT 2.x)."""
+    """A PyJWT of our own (the module's global one stays untouched) with the PyJWS and
+    the HMAC algorithms above. ``_jws`` is the PyJWS a PyJWT instance verifies with
+    (PyJWT 2.x)."""
     instance = jwt.PyJWT()
+    instance._jws = _JWS(options=instance._jws.options)
     for name, hash_alg in (
         ("HS256", HMACAlgorithm.SHA256),
         ("HS384", HMACAlgorithm.SHA384),
