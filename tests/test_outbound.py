@@ -117,3 +117,23 @@ def test_take_keeps_order_and_bounds(texts: list[str], max_items: int, max_bytes
         out.extend(batch)
     assert out == texts
     assert len(queue) == 0 and not queue.full
+
+
+async def test_stop_taking_releases_the_waiting_taker_after_the_queue_is_empty() -> None:
+    queue = OutboundQueue(max_messages=8, max_bytes=1000)
+    taken: list[list[str]] = []
+
+    async def taker() -> None:
+        while texts := await queue.take(8, 1000):
+            taken.append(texts)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker)
+        await trio.testing.wait_all_tasks_blocked()
+        queue.put_nowait("a")
+        await trio.testing.wait_all_tasks_blocked()
+        queue.put_nowait("b")
+        queue.put_nowait("c")
+        queue.stop_taking()  # what is queued is still taken, then take() returns []
+    assert taken == [["a"], ["b", "c"]]
+    assert await queue.take() == []  # and never waits again

@@ -237,3 +237,40 @@ async def test_concurrent_runs_are_bounded(autojump_clock: trio.testing.MockCloc
         assert sorted(m["run_id"] for m in done) == ["r1", "r2"]
         seqs = [m["seq"] for m in seen]
         assert seqs == sorted(seqs) == list(range(2, 13))
+
+
+async def _closed_by_client(h: GatewayHarness, *, mid_run: bool) -> Session:
+    """Connect as alice, maybe start a long run, close from the client side; the session."""
+    async with h.connect(h.token("alice")) as client:
+        await client.receive_json()
+        (session,) = h.gateway.registry.sessions_of((None, "alice"))
+        if mid_run:
+            await client.send_json({"type": "user_message", "text": "long job"})
+            assert (await client.receive_json())["type"] == "agent_started"
+    await trio.sleep(0.01)  # MockClock time: what needs no timer is done by then
+    assert h.gateway.registry.sessions_of((None, "alice")) == []
+    return session
+
+
+async def test_a_client_close_stops_writer_and_watchdog_without_cancelling(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The commonest close: the client leaves an idle session. The writer and the watchdog
+    are told to stop and end on their own; the nursery is never cancelled."""
+    async with open_harness() as h:
+        session = await _closed_by_client(h, mid_run=False)
+        assert (session.close_code, session.close_reason) == (CloseCode.NORMAL, "client closed")
+        assert session._nursery is not None
+        assert not session._nursery.cancel_scope.cancel_called
+        assert h.gateway.stats["close.1000"] == 1
+
+
+async def test_a_client_close_mid_run_cancels_the_run(autojump_clock: trio.testing.MockClock) -> None:
+    """With a run still going, the client's close cancels the session's nursery (and the run)."""
+    async with open_harness() as h:
+        session = await _closed_by_client(h, mid_run=True)
+        assert session.close_code == CloseCode.NORMAL
+        assert session._nursery is not None
+        assert session._nursery.cancel_scope.cancel_called
+        assert session._runs == {}
+        assert h.gateway.stats["close.1000"] == 1

@@ -25,6 +25,7 @@ class OutboundQueue:
         "_max_bytes",
         "_max_messages",
         "_not_full",
+        "_stopped",
         "_waiter",
     )
 
@@ -37,6 +38,7 @@ class OutboundQueue:
         self._waiter: trio.lowlevel.Task | None = None  # the task parked in get()
         self._not_full: trio.Event | None = None  # made when the queue fills: most never do
         self._closed = False
+        self._stopped = False  # stop_taking() was called
 
     def __len__(self) -> int:
         return len(self._items) - self._head
@@ -95,8 +97,11 @@ class OutboundQueue:
         return taken
 
     async def take(self, max_items: int = 1, max_bytes: int = 0) -> list[str]:
-        """Like :meth:`take_nowait`, waiting until something is queued; one waiter at a time."""
+        """Like :meth:`take_nowait`, waiting until something is queued (not after
+        :meth:`stop_taking`: then an empty list); one waiter at a time."""
         while not (taken := self.take_nowait(max_items, max_bytes)):
+            if self._stopped:
+                return taken
             if self._waiter is not None:
                 raise trio.BusyResourceError("another task is already waiting on this queue")
             self._waiter = trio.lowlevel.current_task()
@@ -106,6 +111,14 @@ class OutboundQueue:
     def _abort_take(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
+
+    def stop_taking(self) -> None:
+        """From now on :meth:`take` does not wait: once the queue is empty it returns an
+        empty list, and a task waiting in it now gets one at once."""
+        self._stopped = True
+        if self._waiter is not None:
+            trio.lowlevel.reschedule(self._waiter)
+            self._waiter = None
 
     def close(self) -> None:
         """Refuse further messages; what is queued can still be taken."""

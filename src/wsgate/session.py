@@ -7,6 +7,12 @@ scope. The session's tasks live and die together. Whatever ends the connection (
 client leaving, a slow consumer, expiry, a bug) calls :meth:`Session.close`
 once with a close code; that cancels the nursery, queued messages are flushed
 within ``close_timeout``, and the WebSocket is closed with that code.
+
+When the reader itself ends the session (the client closed, or broke a limit)
+and only the writer and the watchdog are left, they are told to stop instead
+of being cancelled: each ends on its own at once, and the nursery closes
+without a ``Cancelled`` raised through it (the cheaper way out, and the most
+common close of all).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ log = logging.getLogger("wsgate.session")
 MAX_PROTOCOL_ERRORS = 20
 WRITE_BATCH_MESSAGES = 64  # at most this many queued messages per write
 WRITE_BATCH_BYTES = 256 * 1024  # and no more bytes than this, unless one message is larger
+_WRITER = "wsgate.session.writer"
+_WATCHDOG = "wsgate.session.watchdog"
 
 
 class SessionHooks(Protocol):
@@ -156,11 +164,16 @@ class Session:
 
     def close(self, code: CloseCode, reason: str) -> None:
         """End the session with ``code``; the first call wins, later ones are ignored."""
+        self._decide(code, reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()  # run() cancels at once if it opens later
+
+    def _decide(self, code: CloseCode, reason: str) -> None:
+        """Record why the session ends (the first reason wins) without cancelling anything:
+        for the reader, which returns right after, and :meth:`_wind_down` does the rest."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()  # run() cancels at once if it opens later
 
     async def send(self, message: dict[str, Any]) -> None:
         """Queue one message; a consumer that stays full too long is closed (1008)."""
@@ -225,15 +238,27 @@ class Session:
                 self._nursery = nursery
                 if self.close_code is not None:
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(self._writer, name="wsgate.session.writer")
+                nursery.start_soon(self._writer, name=_WRITER)
                 await self.send(self._ready_message())
-                nursery.start_soon(self._watchdog, nursery, name="wsgate.session.watchdog")
+                nursery.start_soon(self._watchdog, nursery, name=_WATCHDOG)
                 # The reader is the nursery's own body: one task fewer per connection.
                 await self._reader(nursery)
+                self._wind_down(nursery)
         except Exception:
             log.exception("session failed", extra={"session": self.id, "event": "session.error"})
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
         await self._finish()
+
+    def _wind_down(self, nursery: trio.Nursery) -> None:
+        """The reader has returned, having decided the close. If only the writer and the
+        watchdog are left, each is told to stop (the writer once it has written what is
+        queued) and ends without a ``Cancelled``; if anything else runs, all is cancelled."""
+        if all(task.name in (_WRITER, _WATCHDOG) for task in nursery.child_tasks):
+            self._outbound.stop_taking()
+            if self._wake is not None:
+                self._wake.cancel()
+        else:
+            nursery.cancel_scope.cancel()
 
     # -- tasks ----------------------------------------------------------------
 
@@ -255,8 +280,9 @@ class Session:
         # What is queued by the time the writer runs goes out in one write: under load
         # (an agent's burst of events, a pipelining client) that is one system call
         # and one shielded scope for many messages instead of one each.
-        while await self._write(await self._outbound.take(WRITE_BATCH_MESSAGES, WRITE_BATCH_BYTES)):
-            pass
+        while texts := await self._outbound.take(WRITE_BATCH_MESSAGES, WRITE_BATCH_BYTES):
+            if not await self._write(texts):
+                return
 
     async def _write(self, texts: list[str]) -> bool:
         frames = []
@@ -303,22 +329,23 @@ class Session:
                     with trio.move_on_after(idle) as waited:
                         raw = await self.ws.get_message()
                     if waited.cancelled_caught:
-                        self.close(CloseCode.NORMAL, "idle timeout")
+                        self._decide(CloseCode.NORMAL, "idle timeout")
                         return
                 else:
                     raw = await self.ws.get_message()
             except ConnectionClosed:
-                self._client_left()
+                self._client_gone = True
+                self._decide(CloseCode.NORMAL, "client closed")
                 return
             if not self._message_rate.take(trio.current_time()):
-                self.close(CloseCode.RATE_LIMITED, "message rate exceeded")
+                self._decide(CloseCode.RATE_LIMITED, "message rate exceeded")
                 return
             try:
                 message = parse_client_message(raw, max_depth=self._settings.max_json_depth)
             except ProtocolError as exc:
                 self._protocol_errors += 1
                 if self._protocol_errors > MAX_PROTOCOL_ERRORS:
-                    self.close(CloseCode.MALFORMED_MESSAGE, "too many malformed messages")
+                    self._decide(CloseCode.MALFORMED_MESSAGE, "too many malformed messages")
                     return
                 await self.send_error(exc.code, exc.reason)
                 continue
@@ -399,10 +426,12 @@ class Session:
     async def _watchdog(self, nursery: trio.Nursery) -> None:
         """The session's timer: sleeps until the token lifecycle's next deadline (moved by
         refreshes) or the next heartbeat, whichever is first, then acts on it."""
-        while True:
+        while self.close_code is None:
             self._wake = trio.CancelScope(deadline=self._next_wake())
             with self._wake:
                 await trio.sleep_forever()
+            if self.close_code is not None:
+                return  # woken by _wind_down
             if self._ping_at is not None and trio.current_time() >= self._ping_at:
                 self._ping_at = None  # the ping task sets the next one once answered
                 nursery.start_soon(self._heartbeat, name="wsgate.session.heartbeat")
