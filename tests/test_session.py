@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -274,3 +275,40 @@ async def test_a_client_close_mid_run_cancels_the_run(autojump_clock: trio.testi
         assert session._nursery.cancel_scope.cancel_called
         assert session._runs == {}
         assert h.gateway.stats["close.1000"] == 1
+
+
+def _objects_holding(needle: str, ignore: set[int]) -> list[str]:
+    """What, in this whole process, refers to a str or bytes containing ``needle``."""
+    raw = needle.encode()
+    found = []
+    for holder in gc.get_objects():
+        for value in gc.get_referents(holder):
+            if id(value) in ignore:
+                continue
+            if (isinstance(value, str) and needle in value) or (
+                isinstance(value, bytes | bytearray) and raw in value
+            ):
+                found.append(f"{type(holder).__name__} -> {type(value).__name__}[{len(value)}]")
+    return found
+
+
+async def test_an_idle_session_holds_no_copy_of_its_token(autojump_clock: trio.testing.MockClock) -> None:
+    """Tokens are not stored beyond verification. trio-websocket's reader keeps what it read
+    last (the request head, and the request event with its headers) until the client's
+    next frame; the gateway empties both once the upgrade is answered."""
+    async with open_harness() as h:
+        token = h.token("alice")
+        signature = token.rsplit(".", 1)[1]
+        upgrade = (
+            "GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        ).encode()
+        stream = h.open_stream()
+        await stream.send_all(upgrade)
+        answer = b""
+        while b"session.ready" not in answer:
+            answer += await stream.receive_some()
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.gateway.registry.sessions_of((None, "alice"))
+        assert _objects_holding(signature, {id(token), id(signature), id(upgrade)}) == []

@@ -31,3 +31,18 @@ async def test_peer_address_comes_from_the_transport() -> None:
 def test_an_in_memory_stream_is_local() -> None:
     client, _ = trio.testing.memory_stream_pair()
     assert peer_address(client) == "local"
+
+
+async def test_forget_head_empties_the_head_chunks_handed_out() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    guarded = GuardedStream(server)
+    await client.send_all(b"GET / HTTP/1.1\r\nAuthorization: Bearer secret\r\n")
+    first = await guarded.receive_some()
+    await client.send_all(b"\r\n\x81\x00")  # the end of the head, then a frame
+    second = await guarded.receive_some()
+    await client.send_all(b"\x81\x01x")
+    after = await guarded.receive_some()
+    assert bytes(first) + bytes(second) == b"GET / HTTP/1.1\r\nAuthorization: Bearer secret\r\n\r\n\x81\x00"
+    guarded.forget_head()
+    assert (first, second) == (b"", b"")  # emptied in place
+    assert after == b"\x81\x01x"  # past the head: handed out as it came, not kept

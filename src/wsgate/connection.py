@@ -123,6 +123,7 @@ class ConnectionServer:
             )
             opened = await self._open(request, peer_address(stream))
         guarded.watch(None)
+        guarded.forget_head()
         if deadline.cancelled_caught:
             if opened is not None and opened.lease is not None:
                 opened.lease.release()
@@ -173,6 +174,10 @@ class ConnectionServer:
             if lease is not None:
                 lease.release()
             raise
+        # The headers hold the token, and trio-websocket's reader keeps the request event
+        # in a local variable until the client's next frame: for an idle connection, its
+        # whole life. The upgrade is answered (wsproto read the key from them): let go.
+        request.headers.clear()
         if isinstance(admission, Pending):
             return _Opened(ws, None, None)
         return _Opened(ws, admission, lease)

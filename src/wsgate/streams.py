@@ -10,6 +10,13 @@
 
 Both are plain flags plus one cancel scope to cancel, not events and tasks
 waiting on them: every connection pays for this object while it lives.
+
+- It lets go of the request head once the handshake is over
+  (:meth:`GuardedStream.forget_head`). trio-websocket's reader keeps the last
+  chunk it read in a local variable until the next one arrives, and for an
+  idle connection that is the head, token and all, for the connection's life.
+  The head is handed out as ``bytearray`` chunks (the parsers copy what they
+  are given), which are emptied in place.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ RESPONSE_431 = (
 
 class GuardedStream(trio.abc.Stream):
     __slots__ = (
+        "_head_chunks",
         "_head_done",
         "_head_lines",
         "_head_seen",
@@ -53,6 +61,7 @@ class GuardedStream(trio.abc.Stream):
         self._head_seen = 0
         self._head_lines = 0
         self._head_done = False
+        self._head_chunks: list[bytearray] = []
         self._tail = b""
         self._max_bytes = max_head_bytes
         self._max_lines = max_head_lines
@@ -86,10 +95,19 @@ class GuardedStream(trio.abc.Stream):
         if not data:
             self._set_gone()
         elif not self._head_done:
-            return self._check_head(bytes(data))
+            chunk = self._check_head(bytearray(data))
+            self._head_chunks.append(chunk)
+            return chunk
         return data
 
-    def _check_head(self, data: bytes) -> bytes:
+    def forget_head(self) -> None:
+        """Empty the chunks of the request head handed out so far (see the module's
+        docstring); the parsers took copies long before."""
+        for chunk in self._head_chunks:
+            chunk.clear()
+        self._head_chunks = []
+
+    def _check_head(self, data: bytearray) -> bytearray:
         window = self._tail + data
         end = window.find(END_OF_HEAD)
         head_part = data if end < 0 else window[len(self._tail) : end + len(END_OF_HEAD)]
@@ -101,7 +119,7 @@ class GuardedStream(trio.abc.Stream):
         if self._head_seen > self._max_bytes or self._head_lines > self._max_lines + 2:
             self.oversized = True
             self._trouble()
-            return b""  # the parser sees the stream end; the handshake answers 431
+            return bytearray()  # the parser sees the stream end; the handshake answers 431
         return data
 
     async def aclose(self) -> None:
