@@ -288,7 +288,8 @@ def _objects_holding(needle: str, ignore: set[int]) -> list[str]:
             if (isinstance(value, str) and needle in value) or (
                 isinstance(value, bytes | bytearray) and raw in value
             ):
-                found.append(f"{type(holder).__name__} -> {type(value).__name__}[{len(value)}]")
+                where = getattr(getattr(holder, "cr_code", None), "co_qualname", "")
+                found.append(f"{type(holder).__name__} {where} -> {type(value).__name__}[{len(value)}]")
     return found
 
 
@@ -312,3 +313,18 @@ async def test_an_idle_session_holds_no_copy_of_its_token(autojump_clock: trio.t
         await trio.testing.wait_all_tasks_blocked()
         assert h.gateway.registry.sessions_of((None, "alice"))
         assert _objects_holding(signature, {id(token), id(signature), id(upgrade)}) == []
+
+
+async def test_a_refreshed_token_is_not_held_after_the_refresh(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The same for a token refreshed in-band: once ``auth.refreshed`` is out, neither the
+    gateway's reader nor trio-websocket's keeps the message that carried it."""
+    async with open_harness() as h, h.connect(h.token("alice")) as client:
+        await client.receive_json()
+        fresh = h.token("alice", ttl=1800)
+        signature = fresh.rsplit(".", 1)[1]
+        await client.send_json({"type": "auth.refresh", "token": fresh})
+        assert (await client.receive_json())["type"] == "auth.refreshed"
+        await trio.testing.wait_all_tasks_blocked()
+        assert _objects_holding(signature, {id(fresh), id(signature)}) == []

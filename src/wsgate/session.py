@@ -340,16 +340,23 @@ class Session:
             if not self._message_rate.take(trio.current_time()):
                 self._decide(CloseCode.RATE_LIMITED, "message rate exceeded")
                 return
-            try:
-                message = parse_client_message(raw, max_depth=self._settings.max_json_depth)
-            except ProtocolError as exc:
-                self._protocol_errors += 1
-                if self._protocol_errors > MAX_PROTOCOL_ERRORS:
-                    self._decide(CloseCode.MALFORMED_MESSAGE, "too many malformed messages")
-                    return
-                await self.send_error(exc.code, exc.reason)
-                continue
-            await self._dispatch(message, nursery)
+            if not await self._handle(raw, nursery):
+                return
+            del raw  # it may carry a token: not kept while waiting for the next message
+
+    async def _handle(self, raw: str | bytes, nursery: trio.Nursery) -> bool:
+        """Parse and act on one client message; False when it ends the session."""
+        try:
+            message = parse_client_message(raw, max_depth=self._settings.max_json_depth)
+        except ProtocolError as exc:
+            self._protocol_errors += 1
+            if self._protocol_errors > MAX_PROTOCOL_ERRORS:
+                self._decide(CloseCode.MALFORMED_MESSAGE, "too many malformed messages")
+                return False
+            await self.send_error(exc.code, exc.reason)
+            return True
+        await self._dispatch(message, nursery)
+        return True
 
     async def _dispatch(self, message: ClientMessage, nursery: trio.Nursery) -> None:
         if isinstance(message, Ping):

@@ -8,8 +8,9 @@ the remote side makes trio-websocket answer with that code first, as RFC 6455
 asks. It also caps the fragments of one message (1009 beyond the cap), does
 not answer a ping that crossed our close frame (trio-websocket would try, and
 wsproto raise), lets go of the opening handshake's state once the upgrade
-is done, and lets several queued messages go out in one write
-(:func:`send_texts`).
+is done, empties each message event once trio-websocket has handled it (a
+message may carry a token), and lets several queued messages go out in one
+write (:func:`send_texts`).
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class _AnsweringWSConnection(WSConnection):
             ):
                 connection._state = ConnectionState.REMOTE_CLOSING
             yield event
+            if isinstance(event, TextMessage | BytesMessage):
+                # Handled by now (its data is in trio-websocket's message, or its parts).
+                # trio-websocket's reader keeps the event in a local until the next frame:
+                # for an idle connection, its whole life. A message may carry a token.
+                object.__setattr__(event, "data", "" if isinstance(event, TextMessage) else b"")
             if isinstance(event, CloseConnection):
                 return
 
