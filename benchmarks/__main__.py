@@ -312,6 +312,12 @@ async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
     samples: dict[str, dict[str, list[Any]]] = {}
     cpu: dict[str, dict[str, list[float]]] = {}
     try:
+        # One short untimed pass through each server first: the first round otherwise
+        # pays for lazy imports, caches and the allocator's first arenas, on one side more
+        # than the other.
+        for server in servers.values():
+            await handshakes(server.url, 0.5, 8, lambda done, total: None)
+            await throughput(server.url, 1, 500, ping, lambda done, total: None)
         for metric, run in plan:
             # Rounds interleave the servers, so a slow spell of the machine hits all of them;
             # the median of each is reported. Idle memory is measured once: a server's RSS
