@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -76,27 +77,27 @@ class _AnsweringWSConnection(WSConnection):
 
     def events(self) -> Generator[Event, None, None]:
         for event in self._events():
-            if isinstance(event, TextMessage | BytesMessage):
+            kind = type(event)
+            if kind is TextMessage or kind is BytesMessage:
+                message = cast(TextMessage | BytesMessage, event)
                 # Bound the pieces of one message, not only its size: each piece costs an
                 # object of its own while trio-websocket assembles the message.
-                self._fragments = 0 if event.message_finished else self._fragments + 1
-                if self._fragments > self._max_fragments:
-                    event = CloseConnection(code=1009, reason="too many fragments")
-            connection = self.connection
-            if (
-                isinstance(event, CloseConnection)
-                and connection is not None
-                and connection.state is ConnectionState.OPEN
-            ):
-                connection._state = ConnectionState.REMOTE_CLOSING
-            yield event
-            if isinstance(event, TextMessage | BytesMessage):
-                # Handled by now (its data is in trio-websocket's message, or its parts).
-                # trio-websocket's reader keeps the event in a local until the next frame:
-                # for an idle connection, its whole life. A message may carry a token.
-                object.__setattr__(event, "data", "" if isinstance(event, TextMessage) else b"")
-            if isinstance(event, CloseConnection):
+                self._fragments = 0 if message.message_finished else self._fragments + 1
+                if self._fragments <= self._max_fragments:
+                    yield message
+                    # Handled by now (its data is in trio-websocket's message or its parts).
+                    # trio-websocket's reader keeps the event in a local until the next
+                    # frame: for an idle connection, its whole life. It may carry a token.
+                    object.__setattr__(message, "data", "" if kind is TextMessage else b"")
+                    continue
+                event, kind = CloseConnection(code=1009, reason="too many fragments"), CloseConnection
+            if kind is CloseConnection:
+                connection = self.connection
+                if connection is not None and connection.state is ConnectionState.OPEN:
+                    connection._state = ConnectionState.REMOTE_CLOSING
+                yield event
                 return
+            yield event
 
 
 async def wrap_server_stream(
