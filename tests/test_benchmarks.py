@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from benchmarks.__main__ import _median
 from benchmarks.auth import Held
 from benchmarks.inprocess import _measure
+from benchmarks.instructions import total_instructions
 
 
 async def test_the_in_process_comparison_runs_both_sides() -> None:
@@ -32,3 +34,10 @@ def test_median_of_numbers_and_of_percentile_dicts() -> None:
     assert _median([3.0, 1.0, 2.0]) == 2.0
     rounds = [{"p50_ms": 1.0, "p99_ms": 5.0}, {"p50_ms": 3.0, "p99_ms": 4.0}, {"p50_ms": 2.0, "p99_ms": 9.0}]
     assert _median(rounds) == {"p50_ms": 2.0, "p99_ms": 5.0}
+
+
+def test_instruction_totals_are_read_from_cachegrind_summary() -> None:
+    summary = "==1== \n==1== I refs:        4,327,253,118\n==1== \n"
+    assert total_instructions(summary) == 4_327_253_118
+    with pytest.raises(ValueError, match="no instruction count"):
+        total_instructions("valgrind: no such tool\n")
