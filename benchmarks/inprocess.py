@@ -18,13 +18,14 @@ from __future__ import annotations
 import statistics
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
 import trio_websocket
 
-from wsgate.server import open_gateway
+from wsgate.server import Gateway, open_gateway
 from wsgate.testing import TEST_AUDIENCE, TEST_ISSUER, TEST_SECRET, settings_for_tests
 from wsgate.tokens import mint_token
 
@@ -112,7 +113,9 @@ async def _bare(stream: trio.abc.Stream) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _measure(handshakes: int, rounds: int) -> dict[str, dict[str, float]]:
+@asynccontextmanager
+async def bench_gateway() -> AsyncIterator[tuple[Gateway, bytes]]:
+    """A gateway with its rate limits out of the way, and an upgrade request it admits."""
     settings = settings_for_tests(
         **{
             "server.handshake_rate": 1e9,
@@ -131,7 +134,11 @@ async def _measure(handshakes: int, rounds: int) -> dict[str, dict[str, float]]:
             issuer=TEST_ISSUER,
             audience=TEST_AUDIENCE,
         )
-        upgrade = _upgrade(token)
+        yield gateway, _upgrade(token)
+
+
+async def _measure(handshakes: int, rounds: int) -> dict[str, dict[str, float]]:
+    async with bench_gateway() as (gateway, upgrade):
         sides: dict[str, tuple[Handler, bytes]] = {
             "wsgate": (gateway.connections.handle_stream, b'"pong"'),
             "bare trio-websocket": (_bare, b'"ping"'),

@@ -25,26 +25,12 @@ SIDES = ("wsgate", "bare trio-websocket")
 
 
 async def _run(side: str, count: int) -> None:
-    from benchmarks.inprocess import _bare, _handshakes, _upgrade
-    from wsgate.server import open_gateway
-    from wsgate.testing import TEST_AUDIENCE, TEST_ISSUER, TEST_SECRET, settings_for_tests
-    from wsgate.tokens import mint_token
+    from benchmarks.inprocess import _bare, _handshakes, bench_gateway
 
-    settings = settings_for_tests(
-        **{"server.handshake_rate": 1e9, "server.handshake_burst": 10**9, "log.level": "warning"}
-    )
-    async with open_gateway(settings) as gateway:
-        token = mint_token(
-            TEST_SECRET,
-            "bench",
-            now=gateway.clock.now(),
-            ttl=3600,
-            issuer=TEST_ISSUER,
-            audience=TEST_AUDIENCE,
-        )
+    async with bench_gateway() as (gateway, upgrade):
         handler = gateway.connections.handle_stream if side == "wsgate" else _bare
-        await _handshakes(handler, 50, _upgrade(token))  # warm-up, in both runs
-        await _handshakes(handler, count, _upgrade(token))
+        await _handshakes(handler, 50, upgrade)  # warm-up, in both runs
+        await _handshakes(handler, count, upgrade)
 
 
 def total_instructions(cachegrind_output: str) -> int:
