@@ -328,3 +328,17 @@ async def test_a_refreshed_token_is_not_held_after_the_refresh(
         assert (await client.receive_json())["type"] == "auth.refreshed"
         await trio.testing.wait_all_tasks_blocked()
         assert _objects_holding(signature, {id(fresh), id(signature)}) == []
+
+
+async def test_a_first_message_token_is_not_held_after_admission(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The same for first-message auth: the ``auth`` message is not kept once admitted."""
+    settings = settings_for_tests(**{"auth.first_message": True})
+    async with open_harness(settings) as h, h.connect() as client:
+        token = h.token("alice")
+        signature = token.rsplit(".", 1)[1]
+        await client.send_json({"type": "auth", "token": token})
+        assert (await client.receive_json())["type"] == "session.ready"
+        await trio.testing.wait_all_tasks_blocked()
+        assert _objects_holding(signature, {id(token), id(signature)}) == []
