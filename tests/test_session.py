@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import uuid
 from typing import Any
 
 import pytest
@@ -277,19 +278,38 @@ async def test_a_client_close_mid_run_cancels_the_run(autojump_clock: trio.testi
         assert h.gateway.stats["close.1000"] == 1
 
 
+def _unique_token(h: GatewayHarness, **claims: Any) -> str:
+    """A token no other test mints: tokens are deterministic under MockClock, and a frame
+    of an earlier test's (garbage not yet collected) may still hold the same text."""
+    return h.token("alice", jti=uuid.uuid4().hex, **claims)
+
+
 def _objects_holding(needle: str, ignore: set[int]) -> list[str]:
-    """What, in this whole process, refers to a str or bytes containing ``needle``."""
+    """What, in this whole process, refers to a str or bytes containing ``needle``.
+
+    The collector stops tracking tuples and dicts that hold only atoms (a header's
+    ``(name, value)`` pair, say), so those are looked into through whatever holds them.
+    """
+    gc.collect()  # an earlier test's cyclic garbage is not "held"
     raw = needle.encode()
-    found = []
+    ignore = ignore | {id(raw)}
+    found: list[str] = []
+
+    def look(holder: object, value: object, depth: int) -> None:
+        if id(value) in ignore:
+            return
+        if (isinstance(value, str) and needle in value) or (
+            isinstance(value, bytes | bytearray) and raw in value
+        ):
+            where = getattr(getattr(holder, "cr_code", None), "co_qualname", "")
+            found.append(f"{type(holder).__name__} {where} -> {type(value).__name__}[{len(value)}]")
+        elif isinstance(value, tuple | dict | frozenset) and not gc.is_tracked(value) and depth < 4:
+            for inner in gc.get_referents(value):
+                look(value, inner, depth + 1)
+
     for holder in gc.get_objects():
         for value in gc.get_referents(holder):
-            if id(value) in ignore:
-                continue
-            if (isinstance(value, str) and needle in value) or (
-                isinstance(value, bytes | bytearray) and raw in value
-            ):
-                where = getattr(getattr(holder, "cr_code", None), "co_qualname", "")
-                found.append(f"{type(holder).__name__} {where} -> {type(value).__name__}[{len(value)}]")
+            look(holder, value, 0)
     return found
 
 
@@ -298,7 +318,7 @@ async def test_an_idle_session_holds_no_copy_of_its_token(autojump_clock: trio.t
     last (the request head, and the request event with its headers) until the client's
     next frame; the gateway empties both once the upgrade is answered."""
     async with open_harness() as h:
-        token = h.token("alice")
+        token = _unique_token(h)
         signature = token.rsplit(".", 1)[1]
         upgrade = (
             "GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -322,7 +342,7 @@ async def test_a_refreshed_token_is_not_held_after_the_refresh(
     gateway's reader nor trio-websocket's keeps the message that carried it."""
     async with open_harness() as h, h.connect(h.token("alice")) as client:
         await client.receive_json()
-        fresh = h.token("alice", ttl=1800)
+        fresh = _unique_token(h, ttl=1800)
         signature = fresh.rsplit(".", 1)[1]
         await client.send_json({"type": "auth.refresh", "token": fresh})
         assert (await client.receive_json())["type"] == "auth.refreshed"
@@ -336,7 +356,7 @@ async def test_a_first_message_token_is_not_held_after_admission(
     """The same for first-message auth: the ``auth`` message is not kept once admitted."""
     settings = settings_for_tests(**{"auth.first_message": True})
     async with open_harness(settings) as h, h.connect() as client:
-        token = h.token("alice")
+        token = _unique_token(h)
         signature = token.rsplit(".", 1)[1]
         await client.send_json({"type": "auth", "token": token})
         assert (await client.receive_json())["type"] == "session.ready"
