@@ -334,8 +334,7 @@ class Session:
                 else:
                     raw = await self.ws.get_message()
             except ConnectionClosed:
-                self._client_gone = True
-                self._decide(CloseCode.NORMAL, "client closed")
+                self._client_left(cancel=False)  # the reader returns: _wind_down does the rest
                 return
             if not self._message_rate.take(trio.current_time()):
                 self._decide(CloseCode.RATE_LIMITED, "message rate exceeded")
@@ -529,9 +528,13 @@ class Session:
         if self._draining and not self._runs:
             self._close_drained()
 
-    def _client_left(self) -> None:
+    def _client_left(self, *, cancel: bool = True) -> None:
+        """The client closed, or its stream broke: 1000, and nothing more to flush."""
         self._client_gone = True
-        self.close(CloseCode.NORMAL, "client closed")
+        if cancel:
+            self.close(CloseCode.NORMAL, "client closed")
+        else:
+            self._decide(CloseCode.NORMAL, "client closed")
 
     async def _finish(self) -> None:
         """Flush what is queued, then close the socket with the recorded code."""
