@@ -105,7 +105,7 @@ class GuardedStream(trio.abc.Stream):
         docstring); the parsers took copies long before."""
         for chunk in self._head_chunks:
             chunk.clear()
-        self._head_chunks = []
+        self._head_chunks.clear()
 
     def _check_head(self, data: bytearray) -> bytearray:
         window = self._tail + data
