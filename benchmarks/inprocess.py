@@ -45,7 +45,8 @@ CLOSE = _masked(8, struct.pack("!H", 1000))
 PINGS = _masked(1, b'{"type":"ping"}') * BATCH
 
 
-def _upgrade(token: str) -> bytes:
+def upgrade_request(token: str) -> bytes:
+    """An upgrade request with ``token`` as a bearer header, as canned bytes."""
     return (
         "GET /ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -53,7 +54,8 @@ def _upgrade(token: str) -> bytes:
     ).encode()
 
 
-async def _read_until(stream: trio.abc.Stream, needle: bytes) -> bytes:
+async def read_until(stream: trio.abc.Stream, needle: bytes) -> bytes:
+    """Read until ``needle`` has arrived; what came after it."""
     buffer = b""
     while needle not in buffer:
         data = await stream.receive_some(65536)
@@ -74,7 +76,7 @@ async def _handshakes(handler: Handler, count: int, upgrade: bytes) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(handler, server)
             await client.send_all(upgrade)
-            await _read_until(client, READY)
+            await read_until(client, READY)
             await client.send_all(CLOSE)
             await _until_eof(client)
 
@@ -85,7 +87,7 @@ async def _messages(handler: Handler, batches: int, upgrade: bytes, reply: bytes
     async with trio.open_nursery() as nursery:
         nursery.start_soon(handler, server)
         await client.send_all(upgrade)
-        leftover = await _read_until(client, READY)
+        leftover = await read_until(client, READY)
         start = time.process_time()
         for _ in range(batches):
             await client.send_all(PINGS)
@@ -134,7 +136,7 @@ async def bench_gateway() -> AsyncIterator[tuple[Gateway, bytes]]:
             issuer=TEST_ISSUER,
             audience=TEST_AUDIENCE,
         )
-        yield gateway, _upgrade(token)
+        yield gateway, upgrade_request(token)
 
 
 async def _measure(handshakes: int, rounds: int) -> dict[str, dict[str, float]]:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from benchmarks.inprocess import read_until, upgrade_request
 
 from wsgate import CloseCode, RunContext
 from wsgate.agent import Emit
@@ -284,15 +285,17 @@ def _unique_token(h: GatewayHarness, **claims: Any) -> str:
     return h.token("alice", jti=uuid.uuid4().hex, **claims)
 
 
-def _objects_holding(needle: str, ignore: set[int]) -> list[str]:
-    """What, in this whole process, refers to a str or bytes containing ``needle``.
+def _holders_of(token: str, *mine: object) -> list[str]:
+    """What, in this whole process, refers to a str or bytes with ``token``'s signature,
+    besides the test's own ``token`` and ``mine``.
 
     The collector stops tracking tuples and dicts that hold only atoms (a header's
     ``(name, value)`` pair, say), so those are looked into through whatever holds them.
     """
     gc.collect()  # an earlier test's cyclic garbage is not "held"
+    needle = token.rsplit(".", 1)[1]
     raw = needle.encode()
-    ignore = ignore | {id(raw)}
+    ignore = {id(token), id(needle), id(raw), *map(id, mine)}
     found: list[str] = []
 
     def look(holder: object, value: object, depth: int) -> None:
@@ -319,20 +322,13 @@ async def test_an_idle_session_holds_no_copy_of_its_token(autojump_clock: trio.t
     next frame; the gateway empties both once the upgrade is answered."""
     async with open_harness() as h:
         token = _unique_token(h)
-        signature = token.rsplit(".", 1)[1]
-        upgrade = (
-            "GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n"
-        ).encode()
+        upgrade = upgrade_request(token)  # canned bytes: the client keeps no parsed copy
         stream = h.open_stream()
         await stream.send_all(upgrade)
-        answer = b""
-        while b"session.ready" not in answer:
-            answer += await stream.receive_some()
+        await read_until(stream, b"session.ready")
         await trio.testing.wait_all_tasks_blocked()
         assert h.gateway.registry.sessions_of((None, "alice"))
-        assert _objects_holding(signature, {id(token), id(signature), id(upgrade)}) == []
+        assert _holders_of(token, upgrade) == []
 
 
 async def test_a_refreshed_token_is_not_held_after_the_refresh(
@@ -343,11 +339,10 @@ async def test_a_refreshed_token_is_not_held_after_the_refresh(
     async with open_harness() as h, h.connect(h.token("alice")) as client:
         await client.receive_json()
         fresh = _unique_token(h, ttl=1800)
-        signature = fresh.rsplit(".", 1)[1]
         await client.send_json({"type": "auth.refresh", "token": fresh})
         assert (await client.receive_json())["type"] == "auth.refreshed"
         await trio.testing.wait_all_tasks_blocked()
-        assert _objects_holding(signature, {id(fresh), id(signature)}) == []
+        assert _holders_of(fresh) == []
 
 
 async def test_a_first_message_token_is_not_held_after_admission(
@@ -357,8 +352,7 @@ async def test_a_first_message_token_is_not_held_after_admission(
     settings = settings_for_tests(**{"auth.first_message": True})
     async with open_harness(settings) as h, h.connect() as client:
         token = _unique_token(h)
-        signature = token.rsplit(".", 1)[1]
         await client.send_json({"type": "auth", "token": token})
         assert (await client.receive_json())["type"] == "session.ready"
         await trio.testing.wait_all_tasks_blocked()
-        assert _objects_holding(signature, {id(token), id(signature)}) == []
+        assert _holders_of(token) == []
