@@ -1,16 +1,18 @@
-"""Instructions per handshake, wsgate against bare trio-websocket: the one number here
-that does not move with the machine's load.
+"""Instructions per handshake and per message, wsgate against bare trio-websocket: the
+numbers here that do not move with the machine's load.
 
-``python -m benchmarks.instructions [N]`` runs the in-process handshake loop of
+``python -m benchmarks.instructions [N]`` runs the in-process loops of
 :mod:`benchmarks.inprocess` under valgrind's cachegrind (no cache simulation),
 once with ``N`` handshakes (default 200) and once with none, for each server,
-and divides the difference by ``N``. Start-up, imports and the warm-up are in
-both runs and cancel out. ``PYTHONHASHSEED`` is fixed, so a rerun on the same
-code gives the same count to within a fraction of a percent. Time is a
-different matter (see ``docs/performance.md``): wsgate touches more memory
-per instruction than the bare server, so its time ratio runs higher.
+and divides the difference by ``N``; then the same with ``N`` / 4 batches of
+50 pipelined pings on one connection, divided by the number of messages.
+Start-up, imports and the warm-up are in both runs and cancel out.
+``PYTHONHASHSEED`` is fixed, so a rerun on the same code gives the same count
+to within a fraction of a percent. Time is a different matter (see
+``docs/performance.md``): wsgate touches more memory per instruction than the
+bare server, so its time ratio runs higher.
 
-Needs valgrind; without it, says so and exits. Takes about a minute and a half.
+Needs valgrind; without it, says so and exits. Takes about three minutes.
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ import shutil
 import subprocess
 import sys
 
+import trio
+
+from benchmarks.inprocess import BATCH, _bare, _handshakes, _messages, bench_gateway
+
 SIDES = ("wsgate", "bare trio-websocket")
 
 
-async def _run(side: str, count: int) -> None:
-    from benchmarks.inprocess import _bare, _handshakes, bench_gateway
-
+async def _run(side: str, what: str, count: int) -> None:
     async with bench_gateway() as (gateway, upgrade):
         handler = gateway.connections.handle_stream if side == "wsgate" else _bare
         await _handshakes(handler, 50, upgrade)  # warm-up, in both runs
-        await _handshakes(handler, count, upgrade)
+        if what == "handshakes":
+            await _handshakes(handler, count, upgrade)
+        else:
+            await _messages(handler, count, upgrade, b'"pong"' if side == "wsgate" else b'"ping"')
 
 
 def total_instructions(cachegrind_output: str) -> int:
@@ -41,7 +48,7 @@ def total_instructions(cachegrind_output: str) -> int:
     return int(match.group(1).replace(",", ""))
 
 
-def _count(side: str, handshakes: int) -> int:
+def _count(side: str, what: str, count: int) -> int:
     result = subprocess.run(
         [
             "valgrind",
@@ -53,7 +60,8 @@ def _count(side: str, handshakes: int) -> int:
             "benchmarks.instructions",
             "--child",
             side,
-            str(handshakes),
+            what,
+            str(count),
         ],
         capture_output=True,
         text=True,
@@ -65,21 +73,25 @@ def _count(side: str, handshakes: int) -> int:
 
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
-        import trio
-
-        trio.run(_run, sys.argv[2], int(sys.argv[3]))
+        trio.run(_run, sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
     if shutil.which("valgrind") is None:
         print("valgrind is not installed: no instruction counts (apt install valgrind)")
         return
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-    per: dict[str, float] = {}
-    for side in SIDES:
-        print(f"  {side}: counting {count} handshakes under cachegrind ...", flush=True)
-        per[side] = (_count(side, count) - _count(side, 0)) / count
-    wsgate, bare = per["wsgate"], per["bare trio-websocket"]
-    print(f"instructions per handshake: wsgate {wsgate / 1e6:.2f} M, bare trio-websocket {bare / 1e6:.2f} M")
-    print(f"ratio {wsgate / bare:.2f}")
+    batches = max(count // 4, 1)
+    for what, runs, per_run in (("handshakes", count, 1), ("messages", batches, BATCH)):
+        per: dict[str, float] = {}
+        for side in SIDES:
+            print(f"  {side}: counting {runs * per_run} {what} under cachegrind ...", flush=True)
+            per[side] = (_count(side, what, runs) - _count(side, what, 0)) / (runs * per_run)
+        wsgate, bare = per["wsgate"], per["bare trio-websocket"]
+        unit = what[:-1]
+        print(
+            f"instructions per {unit}: wsgate {wsgate / 1e3:,.0f} k, bare trio-websocket {bare / 1e3:,.0f} k,"
+            f" ratio {wsgate / bare:.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

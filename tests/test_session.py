@@ -259,12 +259,15 @@ async def test_a_client_close_stops_writer_and_watchdog_without_cancelling(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """The commonest close: the client leaves an idle session. The writer and the watchdog
-    are told to stop and end on their own; the nursery is never cancelled."""
+    are told to stop and end on their own; the nursery is never cancelled, and the
+    watchdog is woken rather than cancelled out of its sleep."""
     async with open_harness() as h:
         session = await _closed_by_client(h, mid_run=False)
         assert (session.close_code, session.close_reason) == (CloseCode.NORMAL, "client closed")
         assert session._nursery is not None
         assert not session._nursery.cancel_scope.cancel_called
+        assert session._wake is not None
+        assert not session._wake.cancel_called
         assert h.gateway.stats["close.1000"] == 1
 
 

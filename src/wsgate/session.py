@@ -93,6 +93,7 @@ class Session:
         "_runs",
         "_seq",
         "_settings",
+        "_sleeper",
         "_stream_stuck",
         "_token",
         "_wake",
@@ -127,6 +128,7 @@ class Session:
         self._hooks = hooks
         self.lifecycle = lifecycle
         self._wake: trio.CancelScope | None = None  # the watchdog's sleep, moved by refreshes
+        self._sleeper: trio.lowlevel.Task | None = None  # the watchdog, while asleep
         interval = settings.heartbeat_interval
         # When the watchdog starts the next ping (trio time); None: no heartbeat, or one in flight.
         self._ping_at: float | None = trio.current_time() + interval if interval > 0 else None
@@ -255,8 +257,9 @@ class Session:
         queued) and ends without a ``Cancelled``; if anything else runs, all is cancelled."""
         if all(task.name in (_WRITER, _WATCHDOG) for task in nursery.child_tasks):
             self._outbound.stop_taking()
-            if self._wake is not None:
-                self._wake.cancel()
+            if self._sleeper is not None:
+                trio.lowlevel.reschedule(self._sleeper)  # woken, not cancelled: no Cancelled raised
+                self._sleeper = None
         else:
             nursery.cancel_scope.cancel()
 
@@ -435,7 +438,8 @@ class Session:
         while self.close_code is None:
             self._wake = trio.CancelScope(deadline=self._next_wake())
             with self._wake:
-                await trio.sleep_forever()
+                self._sleeper = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._woken_by_timer)
             if self.close_code is not None:
                 return  # woken by _wind_down
             if self._ping_at is not None and trio.current_time() >= self._ping_at:
@@ -456,6 +460,11 @@ class Session:
                     )
                 elif action is Action.REVALIDATE and self._token is not None:
                     nursery.start_soon(self._hooks.recheck, self, name="wsgate.session.recheck")
+
+    def _woken_by_timer(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        """The watchdog's sleep was cancelled: its deadline came, or the session is closing."""
+        self._sleeper = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def revoke(self) -> None:
         """Close this session because its token or subject was revoked."""
