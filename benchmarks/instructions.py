@@ -48,7 +48,8 @@ def total_instructions(cachegrind_output: str) -> int:
     return int(match.group(1).replace(",", ""))
 
 
-def _count(side: str, what: str, count: int) -> int:
+def cachegrind(module: str, *args: str) -> int:
+    """Instructions that ``python -m module --child *args`` executes under cachegrind."""
     result = subprocess.run(
         [
             "valgrind",
@@ -57,11 +58,9 @@ def _count(side: str, what: str, count: int) -> int:
             "--cachegrind-out-file=/dev/null",
             sys.executable,
             "-m",
-            "benchmarks.instructions",
+            module,
             "--child",
-            side,
-            what,
-            str(count),
+            *args,
         ],
         capture_output=True,
         text=True,
@@ -71,12 +70,22 @@ def _count(side: str, what: str, count: int) -> int:
     return total_instructions(result.stderr)
 
 
+def have_valgrind() -> bool:
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed: no instruction counts (apt install valgrind)")
+        return False
+    return True
+
+
+def _count(side: str, what: str, count: int) -> int:
+    return cachegrind("benchmarks.instructions", side, what, str(count))
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         trio.run(_run, sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
-    if shutil.which("valgrind") is None:
-        print("valgrind is not installed: no instruction counts (apt install valgrind)")
+    if not have_valgrind():
         return
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     batches = max(count // 4, 1)

@@ -9,6 +9,7 @@ from benchmarks.__main__ import _median
 from benchmarks.auth import Held
 from benchmarks.inprocess import _measure
 from benchmarks.instructions import total_instructions
+from benchmarks.knockout import VARIANTS, knock_out, serve_handshakes
 
 
 async def test_the_in_process_comparison_runs_both_sides() -> None:
@@ -16,6 +17,16 @@ async def test_the_in_process_comparison_runs_both_sides() -> None:
     for metric in ("inproc_cpu_us_per_handshake", "inproc_cpu_us_per_message"):
         assert set(result[metric]) == {"wsgate", "bare trio-websocket"}
         assert all(value > 0 for value in result[metric].values())
+
+
+@pytest.mark.parametrize("variant", ["bare", *VARIANTS])
+async def test_each_knock_out_variant_still_serves_every_handshake(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What benchmarks.knockout counts is a working handshake: admitted, ready, closed 1000."""
+    if variant != "bare":
+        knock_out(VARIANTS[variant], monkeypatch.setattr)
+    await serve_handshakes(variant, 5)
 
 
 def test_seq_gaps_count_the_missing_messages() -> None:
