@@ -294,8 +294,10 @@ class Session:
             frames.append(f'{text[:-1]},"seq":{self._seq}}}')
         # A message taken from the queue is written whole even while the session is
         # being cancelled (a frame cut in half would corrupt the stream), within a bound.
-        with trio.CancelScope(shield=True) as scope:
-            scope.relative_deadline = self._settings.slow_consumer_timeout
+        # The deadline is given at construction: set on an entered scope, it costs a second
+        # registration with the run loop, on every write.
+        bound = trio.current_time() + self._settings.slow_consumer_timeout
+        with trio.CancelScope(shield=True, deadline=bound) as scope:
             try:
                 await send_texts(self.ws, frames)
             except ConnectionClosed:
