@@ -42,7 +42,7 @@ def _masked(opcode: int, payload: bytes) -> bytes:
 
 
 CLOSE = _masked(8, struct.pack("!H", 1000))
-PINGS = _masked(1, b'{"type":"ping"}') * BATCH
+PING = _masked(1, b'{"type":"ping"}')
 
 
 def upgrade_request(token: str) -> bytes:
@@ -81,8 +81,11 @@ async def _handshakes(handler: Handler, count: int, upgrade: bytes) -> None:
             await _until_eof(client)
 
 
-async def _messages(handler: Handler, batches: int, upgrade: bytes, reply: bytes) -> float:
-    """Process CPU seconds for ``batches`` x 50 pipelined pings, all answered."""
+async def _messages(
+    handler: Handler, batches: int, upgrade: bytes, reply: bytes, batch: int = BATCH
+) -> float:
+    """Process CPU seconds for ``batches`` x ``batch`` pipelined pings, all answered."""
+    pings = PING * batch
     server, client = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(handler, server)
@@ -90,10 +93,10 @@ async def _messages(handler: Handler, batches: int, upgrade: bytes, reply: bytes
         leftover = await read_until(client, READY)
         start = time.process_time()
         for _ in range(batches):
-            await client.send_all(PINGS)
+            await client.send_all(pings)
             answered = leftover.count(reply)
             leftover = b""
-            while answered < BATCH:
+            while answered < batch:
                 answered += (await client.receive_some(65536)).count(reply)
         spent = time.process_time() - start
         await client.send_all(CLOSE)

@@ -4,15 +4,16 @@ numbers here that do not move with the machine's load.
 ``python -m benchmarks.instructions [N]`` runs the in-process loops of
 :mod:`benchmarks.inprocess` under valgrind's cachegrind (no cache simulation),
 once with ``N`` handshakes (default 200) and once with none, for each server,
-and divides the difference by ``N``; then the same with ``N`` / 4 batches of
-50 pipelined pings on one connection, divided by the number of messages.
+and divides the difference by ``N``; then the same for messages on one
+connection, as ``N`` / 4 batches of 50 pipelined pings and as 5 x ``N`` pings
+each answered before the next is sent, divided by the number of messages.
 Start-up, imports and the warm-up are in both runs and cancel out.
 ``PYTHONHASHSEED`` is fixed, so a rerun on the same code gives the same count
 to within a fraction of a percent. Time is a different matter (see
 ``docs/performance.md``): wsgate touches more memory per instruction than the
 bare server, so its time ratio runs higher.
 
-Needs valgrind; without it, says so and exits. Takes about three minutes.
+Needs valgrind; without it, says so and exits. Takes about four minutes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ async def _run(side: str, what: str, count: int) -> None:
         if what == "handshakes":
             await _handshakes(handler, count, upgrade)
         else:
-            await _messages(handler, count, upgrade, b'"pong"' if side == "wsgate" else b'"ping"')
+            reply = b'"pong"' if side == "wsgate" else b'"ping"'
+            await _messages(handler, count, upgrade, reply, BATCH if what == "pipelined" else 1)
 
 
 def total_instructions(cachegrind_output: str) -> int:
@@ -88,17 +90,20 @@ def main() -> None:
     if not have_valgrind():
         return
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-    batches = max(count // 4, 1)
-    for what, runs, per_run in (("handshakes", count, 1), ("messages", batches, BATCH)):
+    measures = (
+        ("handshakes", "handshake", count, 1),
+        ("pipelined", f"message, {BATCH} pipelined", max(count // 4, 1), BATCH),
+        ("one at a time", "message answered before the next is sent", count * 5, 1),
+    )
+    for what, unit, runs, per_run in measures:
         per: dict[str, float] = {}
         for side in SIDES:
             print(f"  {side}: counting {runs * per_run} {what} under cachegrind ...", flush=True)
             per[side] = (_count(side, what, runs) - _count(side, what, 0)) / (runs * per_run)
         wsgate, bare = per["wsgate"], per["bare trio-websocket"]
-        unit = what[:-1]
         print(
-            f"instructions per {unit}: wsgate {wsgate / 1e3:,.0f} k, bare trio-websocket {bare / 1e3:,.0f} k,"
-            f" ratio {wsgate / bare:.2f}",
+            f"instructions per {unit}: wsgate {wsgate / 1e3:,.0f} k,"
+            f" bare trio-websocket {bare / 1e3:,.0f} k, ratio {wsgate / bare:.2f}",
             flush=True,
         )
 

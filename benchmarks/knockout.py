@@ -7,6 +7,7 @@ still answers the handshake:
 
 - ``no watchdog``: the session starts no watchdog task;
 - ``no writer``: no writer task; the session's own task writes ``session.ready``;
+- ``no watchdog or writer``: neither of the two;
 - ``no session nursery``: no nursery, so neither task: the session's own task
   writes ``session.ready``, reads until the client closes, and closes;
 - ``no verification``: each token is verified once, then its identity comes
@@ -41,6 +42,7 @@ VARIANTS = {
     "wsgate": "",
     "no watchdog": "watchdog",
     "no writer": "writer",
+    "no watchdog or writer": "watchdog+writer",
     "no session nursery": "nursery",
     "no verification": "verify",
     "neither": "nursery+verify",
@@ -136,7 +138,7 @@ def main() -> None:
     for variant in VARIANTS:
         if variant != "wsgate":
             saved = ours - per[variant]
-            print(f"  {variant:<20} {per[variant] / 1e3:8,.0f} k   saves {saved / 1e3:6,.0f} k")
+            print(f"  {variant:<24} {per[variant] / 1e3:8,.0f} k   saves {saved / 1e3:6,.0f} k")
     room = bare * (1 / TARGET - 1)
     print(
         f"{TARGET}x bare leaves room for {room / 1e3:,.0f} k more than bare; wsgate spends"
