@@ -9,7 +9,7 @@ connection, as ``N`` / 4 batches of 50 pipelined pings and as 5 x ``N`` pings
 each answered before the next is sent, divided by the number of messages.
 Start-up, imports and the warm-up are in both runs and cancel out.
 ``PYTHONHASHSEED`` is fixed, so a rerun on the same code gives the same count
-to within a fraction of a percent. Time is a different matter (see
+to within about 1%. Time is a different matter (see
 ``docs/performance.md``): wsgate touches more memory per instruction than the
 bare server, so its time ratio runs higher.
 

@@ -4,14 +4,16 @@ Messages are queued already encoded (compact JSON objects); the writer adds
 the per-connection ``seq`` as it writes, so nothing is encoded twice.
 
 Every connection has one, idle or not, so it is kept small: a list with a
-read position instead of a deque, and the one waiting writer parked with
-``trio.lowlevel`` instead of an event that would be made anew each time the
+read position instead of a deque, and the one waiting writer parked in a
+:class:`Sleeper` instead of an event that would be made anew each time the
 queue runs empty.
 """
 
 from __future__ import annotations
 
 import trio
+
+from .sleeper import Sleeper
 
 _COMPACT_AFTER = 64  # read items dropped from the list's front once this many are behind
 
@@ -35,7 +37,7 @@ class OutboundQueue:
         self._bytes = 0
         self._max_messages = max_messages
         self._max_bytes = max_bytes
-        self._waiter: trio.lowlevel.Task | None = None  # the task parked in get()
+        self._waiter = Sleeper()  # the one task waiting in take()
         self._not_full: trio.Event | None = None  # made when the queue fills: most never do
         self._closed = False
         self._stopped = False  # stop_taking() was called
@@ -53,9 +55,7 @@ class OutboundQueue:
             return False
         self._items.append(text)
         self._bytes += len(text)
-        if self._waiter is not None:
-            trio.lowlevel.reschedule(self._waiter)
-            self._waiter = None
+        self._waiter.wake()
         if self._not_full is None and self.full:
             self._not_full = trio.Event()
         return True
@@ -102,23 +102,14 @@ class OutboundQueue:
         while not (taken := self.take_nowait(max_items, max_bytes)):
             if self._stopped:
                 return taken
-            if self._waiter is not None:
-                raise trio.BusyResourceError("another task is already waiting on this queue")
-            self._waiter = trio.lowlevel.current_task()
-            await trio.lowlevel.wait_task_rescheduled(self._abort_take)
+            await self._waiter.sleep()
         return taken
-
-    def _abort_take(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        self._waiter = None
-        return trio.lowlevel.Abort.SUCCEEDED
 
     def stop_taking(self) -> None:
         """From now on :meth:`take` does not wait: once the queue is empty it returns an
         empty list, and a task waiting in it now gets one at once."""
         self._stopped = True
-        if self._waiter is not None:
-            trio.lowlevel.reschedule(self._waiter)
-            self._waiter = None
+        self._waiter.wake()
 
     def close(self) -> None:
         """Refuse further messages; what is queued can still be taken."""

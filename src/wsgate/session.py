@@ -45,6 +45,7 @@ from .protocol import (
     parse_client_message,
 )
 from .ratelimit import TokenBucket
+from .sleeper import Sleeper
 from .tokens import Identity
 from .wsconn import send_texts
 
@@ -128,7 +129,7 @@ class Session:
         self._hooks = hooks
         self.lifecycle = lifecycle
         self._wake: trio.CancelScope | None = None  # the watchdog's sleep, moved by refreshes
-        self._sleeper: trio.lowlevel.Task | None = None  # the watchdog, while asleep
+        self._sleeper = Sleeper()  # the watchdog, asleep until its next timer
         interval = settings.heartbeat_interval
         # When the watchdog starts the next ping (trio time); None: no heartbeat, or one in flight.
         self._ping_at: float | None = trio.current_time() + interval if interval > 0 else None
@@ -257,9 +258,7 @@ class Session:
         queued) and ends without a ``Cancelled``; if anything else runs, all is cancelled."""
         if all(task.name in (_WRITER, _WATCHDOG) for task in nursery.child_tasks):
             self._outbound.stop_taking()
-            if self._sleeper is not None:
-                trio.lowlevel.reschedule(self._sleeper)  # woken, not cancelled: no Cancelled raised
-                self._sleeper = None
+            self._sleeper.wake()  # woken, not cancelled: no Cancelled raised
         else:
             nursery.cancel_scope.cancel()
 
@@ -440,8 +439,7 @@ class Session:
         while self.close_code is None:
             self._wake = trio.CancelScope(deadline=self._next_wake())
             with self._wake:
-                self._sleeper = trio.lowlevel.current_task()
-                await trio.lowlevel.wait_task_rescheduled(self._woken_by_timer)
+                await self._sleeper.sleep()
             if self.close_code is not None:
                 return  # woken by _wind_down
             if self._ping_at is not None and trio.current_time() >= self._ping_at:
@@ -462,11 +460,6 @@ class Session:
                     )
                 elif action is Action.REVALIDATE and self._token is not None:
                     nursery.start_soon(self._hooks.recheck, self, name="wsgate.session.recheck")
-
-    def _woken_by_timer(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-        """The watchdog's sleep was cancelled: its deadline came, or the session is closing."""
-        self._sleeper = None
-        return trio.lowlevel.Abort.SUCCEEDED
 
     def revoke(self) -> None:
         """Close this session because its token or subject was revoked."""
