@@ -125,6 +125,7 @@ async def bench_gateway() -> AsyncIterator[tuple[Gateway, bytes]]:
         **{
             "server.handshake_rate": 1e9,
             "server.handshake_burst": 10**9,
+            "server.max_pending_handshakes_per_address": 10**6,
             "server.message_rate": 1e9,
             "server.message_burst": 10**9,
             "log.level": "warning",

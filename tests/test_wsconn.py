@@ -78,7 +78,9 @@ async def test_a_burst_of_pushes_arrives_whole_and_in_order(autojump_clock: trio
 def _opened_pair(ours: bool = True) -> tuple[WSConnection, WSConnection]:
     """A client-side wsproto connection (ours, or plain wsproto's) and a plain server, open."""
     client = (
-        _AnsweringWSConnection(ConnectionType.CLIENT, 16) if ours else WSConnection(ConnectionType.CLIENT)
+        _AnsweringWSConnection(ConnectionType.CLIENT, 16, 1 << 20)
+        if ours
+        else WSConnection(ConnectionType.CLIENT)
     )
     server = WSConnection(ConnectionType.SERVER)
     server.receive_data(client.send(Request(host="x", target="/ws")))
@@ -106,8 +108,8 @@ def test_a_pong_after_our_close_is_not_sent() -> None:
 def test_the_opening_handshake_is_let_go_once_over() -> None:
     """wsproto keeps its h11 handshake state for the connection's life; ours drops it (a few
     KiB per idle connection) once its last event is out, and the connection works on."""
-    client = _AnsweringWSConnection(ConnectionType.CLIENT, max_fragments=16)
-    server = _AnsweringWSConnection(ConnectionType.SERVER, max_fragments=16)
+    client = _AnsweringWSConnection(ConnectionType.CLIENT, max_fragments=16, max_frame_bytes=1 << 20)
+    server = _AnsweringWSConnection(ConnectionType.SERVER, max_fragments=16, max_frame_bytes=1 << 20)
     server.receive_data(client.send(Request(host="x", target="/ws")))
     assert isinstance(next(server.events()), Request)
     assert hasattr(server, "handshake")

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .httpserver import Request, Response
+from .protocol import loads_strict
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -61,12 +62,14 @@ class AdminApp:
                 401, b'{"error":"admin api key required"}', headers=(("www-authenticate", "Bearer"),)
             )
         try:
-            body = json.loads(request.body)
+            body = loads_strict(request.body.decode())
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
             return self._publish(body) if path == "/publish" else self._revoke(body)
         except (ValueError, TypeError) as exc:
             return _json(400, {"error": str(exc)})
+        except RecursionError:
+            return _json(400, {"error": "JSON nested too deeply"})
 
     def _authorized(self, request: Request) -> bool:
         if self._key is None:

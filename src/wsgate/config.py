@@ -76,6 +76,8 @@ class ServerSettings:
     idle_timeout: float = attrs.field(default=0.0, validator=_non_negative())
     handshake_rate: float = attrs.field(default=20.0, validator=_positive())
     handshake_burst: int = attrs.field(default=40, validator=_positive())
+    max_pending_handshakes: int = attrs.field(default=1000, validator=_between(1, 1_000_000))
+    max_pending_handshakes_per_address: int = attrs.field(default=32, validator=_between(1, 1_000_000))
     drain_timeout: float = attrs.field(default=30.0, validator=_positive())
     drain_reconnect_jitter: float = attrs.field(default=5.0, validator=_non_negative())
     max_connections: int = attrs.field(default=10000, validator=_positive())

@@ -6,8 +6,11 @@ the same code runs behind the TCP listener and over in-memory streams in tests.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import logging
+import math
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -15,13 +18,13 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from .errors import CloseCode, Forbidden, GatewayError, NotFound, TooManyRequests, Unavailable
+from .errors import BadRequest, CloseCode, Forbidden, GatewayError, NotFound, TooManyRequests, Unavailable
 from .handshake import Admission, Pending, reject_headers
 from .protocol import Auth, ProtocolError, encode, parse_client_message
-from .ratelimit import RateLimiter
+from .ratelimit import PendingHandshake, PendingHandshakes, RateLimiter
 from .registry import Lease
 from .sources import extract_credentials
-from .streams import RESPONSE_431, GuardedStream, peer_address
+from .streams import GuardedStream, peer_address, raw_response, refuse_raw
 from .tokens import TokenSource
 from .wsconn import wrap_server_stream
 
@@ -47,6 +50,9 @@ class ConnectionServer:
         self._gateway = gateway
         server = gateway.settings.server
         self._handshakes = RateLimiter(server.handshake_rate, server.handshake_burst)
+        self.pending = PendingHandshakes(
+            per_address=server.max_pending_handshakes_per_address, total=server.max_pending_handshakes
+        )
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection over ``stream``, from the HTTP upgrade to the close.
@@ -62,48 +68,86 @@ class ConnectionServer:
             log.exception("connection failed", extra={"event": "connection.error"})
 
     async def _serve_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
-        admitted = await self._handshake(nursery, stream)
-        if admitted is None:
-            return
-        ws, admission, lease = admitted
-        self._gateway.stats["handshake.admitted"] += 1
-        if self._gateway.settings.agent.name == "echo":
-            try:
+        # Every lease taken for this connection is entered into this stack the moment it
+        # is taken: however the connection ends, from here on, it is given back.
+        with contextlib.ExitStack() as leases:
+            admitted = await self._handshake(nursery, stream, leases)
+            if admitted is None:
+                return
+            ws, admission, lease = admitted
+            self._gateway.stats["handshake.admitted"] += 1
+            if self._gateway.settings.agent.name == "echo":
                 await _echo(ws)
+                return
+            session = self._gateway.new_session(ws, admission)
+            lease.attach(session)
+            if log.isEnabledFor(logging.INFO):  # the subject's hash is not free: only when logged
+                log.info(
+                    "session opened",
+                    extra={
+                        "event": "session.opened",
+                        "session": session.id,
+                        "subject": session.identity.subject_hash,
+                        "outcome": "degraded"
+                        if session.degraded
+                        else "anonymous"
+                        if session.identity.anonymous
+                        else "normal",
+                    },
+                )
+            try:
+                await session.run()
             finally:
-                lease.release()
-            return
-        session = self._gateway.new_session(ws, admission)
-        lease.attach(session)
-        if log.isEnabledFor(logging.INFO):  # the subject's hash is not free: only when logged
-            log.info(
-                "session opened",
-                extra={
-                    "event": "session.opened",
-                    "session": session.id,
-                    "subject": session.identity.subject_hash,
-                    "outcome": "degraded"
-                    if session.degraded
-                    else "anonymous"
-                    if session.identity.anonymous
-                    else "normal",
-                },
-            )
-        try:
-            await session.run()
-        finally:
-            lease.release()
-            if session.close_code is not None:
-                self._gateway.stats[f"close.{int(session.close_code)}"] += 1
+                if session.close_code is not None:
+                    self._gateway.stats[f"close.{int(session.close_code)}"] += 1
 
     async def _handshake(
-        self, nursery: trio.Nursery, stream: trio.abc.Stream
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, leases: contextlib.ExitStack
     ) -> tuple[WebSocketConnection, Admission, Lease] | None:
         """Upgrade and admit (at the upgrade or by first message); None if that did not happen.
 
+        The handshake counts against its address from the moment the connection is
+        accepted, and holds one of the address's pending places until it is decided.
         A function of its own so that what only the handshake needs (the request, its
         scopes) is freed when it returns instead of living as long as the connection.
         """
+        peer = peer_address(stream)
+        place = self._pending_place(peer)
+        if isinstance(place, GatewayError):
+            await self._refuse_accepted(stream, place)
+            return None
+        with place:
+            return await self._upgrade_and_admit(nursery, stream, peer, leases)
+
+    def _pending_place(self, peer: str) -> PendingHandshake | GatewayError:
+        """A place for one more handshake from ``peer``, or the refusal to answer with."""
+        if not self._handshakes.allow(peer, trio.current_time()):
+            return TooManyRequests(
+                "too many handshakes from this address", retry_after=self._handshakes.retry_after(peer)
+            )
+        place = self.pending.hold(peer)
+        if place == "address":
+            return TooManyRequests("too many unfinished handshakes from this address", retry_after=1)
+        if place == "total":
+            return Unavailable("too many unfinished handshakes", retry_after=1)
+        assert isinstance(place, PendingHandshake)
+        return place
+
+    async def _refuse_accepted(self, stream: trio.abc.Stream, error: GatewayError) -> None:
+        """Answer a connection refused before its request was read, at once."""
+        self._gateway.stats[f"handshake.{error.status}"] += 1
+        log.info(
+            "handshake refused",
+            extra={"event": "handshake.refused", "status": error.status, "reason": error.reason},
+        )
+        phrase = "Too Many Requests" if error.status == 429 else "Service Unavailable"
+        retry = max(1, math.ceil(error.retry_after or 1))
+        with trio.move_on_after(self._gateway.settings.server.close_timeout):
+            await refuse_raw(stream, raw_response(error.status, phrase, error.reason, retry_after=retry))
+
+    async def _upgrade_and_admit(
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str, leases: contextlib.ExitStack
+    ) -> tuple[WebSocketConnection, Admission, Lease] | None:
         server = self._gateway.settings.server
         guarded = GuardedStream(
             stream, max_head_bytes=server.max_header_bytes, max_head_lines=server.max_headers
@@ -112,7 +156,7 @@ class ConnectionServer:
         started = trio.current_time()
         with trio.move_on_after(server.handshake_timeout) as deadline:
             # One scope for the whole handshake: its deadline, and the stream cancels it
-            # itself when the peer leaves or sends too large a head (no task waits for that).
+            # itself when the peer leaves or sends a head it refuses (no task waits for that).
             guarded.watch(deadline)
             request = await wrap_server_stream(
                 nursery,
@@ -121,43 +165,44 @@ class ConnectionServer:
                 max_message_size=server.max_message_bytes,
                 max_fragments=server.max_fragments,
             )
-            opened = await self._open(request, peer_address(stream))
+            opened = await self._open(request, peer, leases)
         guarded.watch(None)
         guarded.forget_head()
         if deadline.cancelled_caught:
-            if opened is not None and opened.lease is not None:
-                opened.lease.release()
             await self._cut_short(guarded)
             return None
         self._gateway.metrics.handshake_seconds.observe(trio.current_time() - started)
         if opened is None:
             return None
         if opened.admission is None or opened.lease is None:
-            admitted = await self._first_message(opened.ws)
+            admitted = await self._first_message(opened.ws, leases)
             if admitted is None:
                 return None
             return opened.ws, *admitted
         return opened.ws, opened.admission, opened.lease
 
     async def _cut_short(self, stream: GuardedStream) -> None:
-        """Account for a handshake that ended early: 431, the peer gone, or the deadline."""
-        if stream.oversized:
-            self._gateway.stats["handshake.431"] += 1
-            log.info("handshake refused", extra={"event": "handshake.refused", "status": 431})
-            await stream.reply_raw(RESPONSE_431)
+        """Account for a handshake that ended early: a refused head, the peer gone, or the deadline."""
+        if stream.refusal is not None:
+            status = int(stream.refusal.split(b" ", 2)[1])
+            self._gateway.stats[f"handshake.{status}"] += 1
+            log.info("handshake refused", extra={"event": "handshake.refused", "status": status})
+            await stream.reply_raw(stream.refusal)
         elif stream.gone:
             self._gateway.stats["handshake.abandoned"] += 1
         else:
             self._gateway.stats["handshake.timeout"] += 1
             log.info("handshake timed out", extra={"event": "handshake.timeout"})
 
-    async def _open(self, request: WebSocketRequest, peer: str) -> _Opened | None:
+    async def _open(
+        self, request: WebSocketRequest, peer: str, leases: contextlib.ExitStack
+    ) -> _Opened | None:
         """Admit and upgrade, or refuse with the HTTP status; None when refused."""
         lease: Lease | None = None
         try:
             admission = await self.admit(request, peer=peer)
             if isinstance(admission, Admission):
-                lease = self._gateway.registry.lease(admission.identity.user_key)
+                lease = leases.enter_context(self._gateway.registry.lease(admission.identity.user_key))
         except GatewayError as error:
             self._gateway.stats[f"handshake.{error.status}"] += 1
             log.info(
@@ -168,12 +213,7 @@ class ConnectionServer:
                 error.status, extra_headers=reject_headers(error), body=error.reason.encode() + b"\n"
             )
             return None
-        try:
-            ws = await request.accept(subprotocol=admission.subprotocol)
-        except BaseException:
-            if lease is not None:
-                lease.release()
-            raise
+        ws = await request.accept(subprotocol=admission.subprotocol)
         # The headers hold the token, and trio-websocket's reader keeps the request event
         # in a local variable until the client's next frame: for an idle connection, its
         # whole life. The upgrade is answered (wsproto read the key from them): let go.
@@ -182,7 +222,9 @@ class ConnectionServer:
             return _Opened(ws, None, None)
         return _Opened(ws, admission, lease)
 
-    async def _first_message(self, ws: WebSocketConnection) -> tuple[Admission, Lease] | None:
+    async def _first_message(
+        self, ws: WebSocketConnection, leases: contextlib.ExitStack
+    ) -> tuple[Admission, Lease] | None:
         """First-message auth: the only message allowed is ``auth``, within the timeout."""
         auth = self._gateway.settings.auth
         try:
@@ -208,7 +250,7 @@ class ConnectionServer:
             with trio.fail_after(auth.deadline + 1):
                 result = await self._gateway.auth.authenticate(message.token, TokenSource.FIRST_MESSAGE)
             admission = self._gateway.admission(result, ws.subprotocol, message.token)
-            lease = self._gateway.registry.lease(result.identity.user_key)
+            lease = leases.enter_context(self._gateway.registry.lease(result.identity.user_key))
         except GatewayError as error:
             await self._refuse_open(ws, error.close_code, error.reason, f"first_message.{error.status}")
             return None
@@ -240,14 +282,10 @@ class ConnectionServer:
             raise Unavailable(
                 "server is draining", retry_after=self._gateway.settings.server.drain_reconnect_jitter or 1
             )
-        if not self._handshakes.allow(peer, trio.current_time()):
-            raise TooManyRequests(
-                "too many handshakes from this address", retry_after=self._handshakes.retry_after(peer)
-            )
         if urlsplit(request.path).path != self._gateway.settings.server.path:
             raise NotFound("no WebSocket endpoint at this path")
         auth = self._gateway.settings.auth
-        origin = next((v.decode("latin-1") for k, v in request.headers if k.lower() == b"origin"), None)
+        origin = _check_request_headers(request.headers)
         if auth.allowed_origins and origin is not None and origin not in auth.allowed_origins:
             raise Forbidden("origin not allowed")
         credentials = extract_credentials(
@@ -264,6 +302,22 @@ class ConnectionServer:
             return Pending(credentials.subprotocol)
         result = await self._gateway.auth.authenticate(credentials.token, credentials.source)
         return self._gateway.admission(result, credentials.subprotocol, credentials.token)
+
+
+def _check_request_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """What RFC 6455 section 4.2.1 asks of an opening handshake that wsproto does not check;
+    returns the ``Origin``, if any. Raises :class:`BadRequest`."""
+    origins = [v for k, v in headers if k.lower() == b"origin"]
+    if len(origins) > 1:
+        raise BadRequest("more than one Origin header")
+    keys = [v for k, v in headers if k.lower() == b"sec-websocket-key"]
+    try:
+        key_ok = len(keys) == 1 and len(base64.b64decode(keys[0], validate=True)) == 16
+    except binascii.Error:
+        key_ok = False
+    if not key_ok:
+        raise BadRequest("Sec-WebSocket-Key must be one base64-encoded 16-byte value")
+    return origins[0].decode("latin-1") if origins else None
 
 
 async def _echo(ws: WebSocketConnection) -> None:

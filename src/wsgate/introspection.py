@@ -24,6 +24,7 @@ import trio
 from .breaker import Outcome
 from .breaker_actor import BreakerActor
 from .config import AuthSettings
+from .tokens import finite_number
 
 log = logging.getLogger("wsgate.introspection")
 
@@ -67,7 +68,7 @@ def parse_answer(body: Any) -> TokenInfo:
     return TokenInfo(
         active=True,
         subject=subject if isinstance(subject, str) else None,
-        expires_at=float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None,
+        expires_at=finite_number(exp),
         scopes=frozenset(scope.split()) if isinstance(scope, str) else None,
     )
 

@@ -7,6 +7,7 @@ Parsing is pure and total: any text yields a message object or a
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import attrs
@@ -87,16 +88,49 @@ def _field(obj: dict[str, Any], name: str, *, optional: bool = False, limit: int
     return value
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity, -Infinity (RFC 8259 has none)
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")  # 1e400 would come back as Infinity
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
+def loads_strict(text: str) -> Any:
+    """Parse JSON as RFC 8259 has it, into values that encode back as valid UTF-8 JSON.
+
+    Raises ValueError for anything else: ``NaN`` and ``Infinity`` literals, numbers
+    beyond a float's range, and ``\\uD800``-style escapes of unpaired surrogates (text
+    that has no UTF-8 form). RecursionError for nesting beyond the interpreter's limit.
+    """
+    value = _DECODER.decode(text)
+    # Text decoded from a WebSocket frame or an HTTP body holds no surrogates itself:
+    # only an escape can make one, so without a backslash-u there is nothing to check.
+    if "\\u" in text:
+        try:
+            _ENCODER.encode(value).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a string holds an unpaired surrogate (\\uD800-\\uDFFF)") from None
+    return value
+
+
 def parse_client_message(text: str | bytes, *, max_depth: int = 16) -> ClientMessage:
     """Parse one client frame, or raise :class:`ProtocolError`."""
     if isinstance(text, bytes):
         raise ProtocolError("binary frames are not part of wsgate.v1; send JSON text")
     try:
-        obj = json.loads(text)
+        obj = loads_strict(text)
     except RecursionError:
         raise ProtocolError("JSON nested too deeply") from None
-    except ValueError:
-        raise ProtocolError("not valid JSON") from None
+    except ValueError as exc:
+        reason = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else f"not valid JSON: {exc}"
+        raise ProtocolError(reason) from None
     if not isinstance(obj, dict):
         raise ProtocolError("a message must be a JSON object")
     if not _depth_ok(text, obj, max_depth):
@@ -117,12 +151,26 @@ def parse_client_message(text: str | bytes, *, max_depth: int = 16) -> ClientMes
     raise ProtocolError(f"unknown message type '{kind[:MAX_ID_LENGTH]}'", code="unknown_type")
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once, not per message
+# Made once, not per message. NaN and Infinity are refused (ValueError): they are not JSON.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def encode(message: dict[str, Any]) -> str:
-    """Serialize one server message (compact JSON)."""
-    return _ENCODER.encode(message)
+    """Serialize one server message as compact JSON that is valid UTF-8, whatever it holds.
+
+    The one place server messages become text. A string with no UTF-8 form (an unpaired
+    surrogate, from an operator's push or an agent) is sent escaped (``\\ud800``), so the
+    WebSocket layer can always encode what it is given. Raises ValueError for NaN or
+    Infinity and TypeError for values JSON has no form for.
+    """
+    text = _ENCODER.encode(message)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return _ASCII_ENCODER.encode(message)
+    return text
 
 
 PONG = encode({"type": "pong", "id": None})  # the answer to a ping without an id, encoded once

@@ -50,3 +50,62 @@ class RateLimiter:
     def retry_after(self, key: str) -> float:
         bucket = self._buckets.get(key)
         return bucket.retry_after() if bucket is not None else 0.0
+
+
+class PendingHandshakes:
+    """Handshakes under way (accepted, not yet admitted or refused), per client address
+    and in all, each count capped: what a client may hold before it has authenticated.
+
+    :meth:`hold` takes a place or says which cap is full; the place is a context
+    manager, entered at once, so it is given back however the handshake ends.
+    """
+
+    __slots__ = ("_by_address", "_per_address", "_total", "_total_cap")
+
+    def __init__(self, *, per_address: int, total: int) -> None:
+        self._by_address: dict[str, int] = {}
+        self._per_address = per_address
+        self._total_cap = total
+        self._total = 0
+
+    def __len__(self) -> int:
+        return self._total
+
+    def held_by(self, address: str) -> int:
+        return self._by_address.get(address, 0)
+
+    def hold(self, address: str) -> PendingHandshake | str:
+        """A place for one more handshake from ``address``, or the name of the full cap
+        (``"address"`` or ``"total"``)."""
+        held = self._by_address.get(address, 0)
+        if held >= self._per_address:
+            return "address"
+        if self._total >= self._total_cap:
+            return "total"
+        self._by_address[address] = held + 1
+        self._total += 1
+        return PendingHandshake(self, address)
+
+    def _release(self, address: str) -> None:
+        self._total -= 1
+        held = self._by_address[address] - 1
+        if held:
+            self._by_address[address] = held
+        else:
+            del self._by_address[address]
+
+
+class PendingHandshake:
+    __slots__ = ("_address", "_owner")
+
+    def __init__(self, owner: PendingHandshakes, address: str) -> None:
+        self._owner: PendingHandshakes | None = owner
+        self._address = address
+
+    def __enter__(self) -> PendingHandshake:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._owner is not None:
+            self._owner._release(self._address)
+            self._owner = None

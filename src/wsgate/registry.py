@@ -2,7 +2,10 @@
 
 A connection takes a lease at admission (so limits hold even for handshakes
 racing each other), attaches its session once upgraded, and releases the lease
-when it ends; the hub goes away with its user's last lease.
+when it ends; the hub goes away with its user's last lease. A lease is a
+context manager, entered the moment it is taken (``stack.enter_context(
+registry.lease(key))``), so nothing can come between taking it and the code
+that gives it back.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class Hub:
 
 
 class Lease:
-    """One connection's place in the registry, from admission to close."""
+    """One connection's place in the registry, from admission to close; released on
+    leaving its ``with`` block (or by :meth:`release`), once."""
 
     __slots__ = ("_hub", "_registry", "_released", "_session")
 
@@ -41,6 +45,12 @@ class Lease:
         self._hub = hub
         self._session: Session | None = None
         self._released = False
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
     def attach(self, session: Session) -> None:
         self._session = session
@@ -73,7 +83,8 @@ class Registry:
         return len(self._hubs)
 
     def lease(self, key: UserKey, retry_after: float = 1.0) -> Lease:
-        """Reserve a connection for ``key`` or raise :class:`TooManyRequests`."""
+        """Reserve a connection for ``key`` or raise :class:`TooManyRequests`; enter the
+        lease at once (``with``, or an exit stack) so that it is given back."""
         if self._leases >= self._total:
             raise TooManyRequests("too many connections on this server", retry_after=retry_after)
         hub = self._hubs.get(key)

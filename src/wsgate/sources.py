@@ -44,15 +44,7 @@ def extract_credentials(
     """
     found: list[tuple[str, TokenSource]] = []
     if cookie is not None:
-        for name, value in headers:
-            if name.lower() == b"cookie":
-                jar = SimpleCookie()
-                try:
-                    jar.load(value.decode("latin-1"))
-                except CookieError:
-                    raise BadRequest("malformed Cookie header") from None
-                if cookie in jar:
-                    found.append((jar[cookie].value, TokenSource.COOKIE))
+        found.extend((value, TokenSource.COOKIE) for value in _cookie_values(headers, cookie))
     if target is not None:
         query: dict[str, list[str]] = parse_qs(urlsplit(target).query)
         found.extend((token, TokenSource.QUERY) for token in query.get("access_token", []))
@@ -74,6 +66,8 @@ def extract_credentials(
             raise BadRequest(f"a bearer subprotocol must come with {PROTOCOL}")
         found.extend((p[len(BEARER_PREFIX) :], TokenSource.SUBPROTOCOL) for p in bearer)
     distinct = {token for token, _ in found}
+    if sum(source is TokenSource.COOKIE for _, source in found) > 1:
+        raise BadRequest(f"more than one {cookie} cookie in the request")
     if len(distinct) > 1:
         raise BadRequest("more than one token in the request")
     chosen = PROTOCOL if offered_protocol else None
@@ -83,3 +77,27 @@ def extract_credentials(
     if not token:
         raise BadRequest("empty token")
     return Credentials(token, source, chosen)
+
+
+def _cookie_values(headers: Sequence[tuple[bytes, bytes]], name: str) -> list[str]:
+    """Every value of cookie ``name`` in the request, one per occurrence.
+
+    ``SimpleCookie`` keeps the last of two cookies of one name, so each pair is read
+    on its own: two are refused by the caller, never folded into one.
+    """
+    values = []
+    for header, value in headers:
+        if header.lower() != b"cookie":
+            continue
+        for pair in value.decode("latin-1").split(";"):
+            if pair.split("=", 1)[0].strip() != name:
+                continue
+            jar: SimpleCookie = SimpleCookie()
+            try:
+                jar.load(pair.strip())
+            except CookieError:
+                raise BadRequest("malformed Cookie header") from None
+            if name not in jar:
+                raise BadRequest("malformed Cookie header")
+            values.append(jar[name].value)
+    return values

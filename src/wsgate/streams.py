@@ -4,9 +4,12 @@
   nobody reads the WebSocket but trio-websocket's reader task does, and when
   it sees the stream end the handshake (and any auth-service call made for
   it) is cancelled, through the scope given to :meth:`GuardedStream.watch`.
-- It counts the request head's bytes and lines before any parser sees them
-  (:attr:`GuardedStream.oversized`), so too large or too many headers are
-  answered 431 instead of being buffered.
+- It counts the request head's bytes and lines before any parser sees them,
+  so too large or too many headers are answered 431 instead of being
+  buffered, and it refuses (400) a request line that is not HTTP/1.1 and a
+  line ended by a bare LF: RFC 6455 needs HTTP/1.1, and a head whose end we
+  could not see would have its frames counted as head
+  (:attr:`GuardedStream.refusal`).
 
 Both are plain flags plus one cancel scope to cancel, not events and tasks
 waiting on them: every connection pays for this object while it lives.
@@ -26,18 +29,32 @@ import contextlib
 import trio
 
 END_OF_HEAD = b"\r\n\r\n"
+HTTP_11 = b" HTTP/1.1"
 
-RESPONSE_431 = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    b"content-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 32\r\n"
-    b"connection: close\r\n\r\n"
-    b"request header fields too large\n"
-)
+
+def raw_response(status: int, phrase: str, reason: str, *, retry_after: int | None = None) -> bytes:
+    """An HTTP/1.1 refusal written below the WebSocket layer (before or instead of a parser)."""
+    body = reason.encode() + b"\n"
+    head = [
+        f"HTTP/1.1 {status} {phrase}",
+        "content-type: text/plain; charset=utf-8",
+        f"content-length: {len(body)}",
+        "cache-control: no-store",
+        "connection: close",
+    ]
+    if retry_after is not None:
+        head.append(f"retry-after: {retry_after}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+RESPONSE_431 = raw_response(431, "Request Header Fields Too Large", "request header fields too large")
+RESPONSE_400_VERSION = raw_response(400, "Bad Request", "a WebSocket upgrade needs HTTP/1.1")
+RESPONSE_400_BARE_LF = raw_response(400, "Bad Request", "request lines must end with CRLF")
 
 
 class GuardedStream(trio.abc.Stream):
     __slots__ = (
+        "_first_line",
         "_head_chunks",
         "_head_done",
         "_head_lines",
@@ -48,7 +65,7 @@ class GuardedStream(trio.abc.Stream):
         "_tail",
         "_watcher",
         "gone",
-        "oversized",
+        "refusal",
     )
 
     def __init__(
@@ -56,20 +73,22 @@ class GuardedStream(trio.abc.Stream):
     ) -> None:
         self._stream = stream
         self.gone = False
-        self.oversized = False
+        #: The raw answer the request head earned (431, 400) before any parser saw it.
+        self.refusal: bytes | None = None
         self._watcher: trio.CancelScope | None = None
         self._head_seen = 0
         self._head_lines = 0
         self._head_done = False
         self._head_chunks: list[bytearray] = []
         self._tail = b""
+        self._first_line: bytes | None = b""  # the request line so far; None once checked
         self._max_bytes = max_head_bytes
         self._max_lines = max_head_lines
 
     def watch(self, scope: trio.CancelScope | None) -> None:
-        """Cancel ``scope`` as soon as the peer is gone or its head is too large (None: stop)."""
+        """Cancel ``scope`` as soon as the peer is gone or its head is refused (None: stop)."""
         self._watcher = scope
-        if scope is not None and (self.gone or self.oversized):
+        if scope is not None and (self.gone or self.refusal is not None):
             scope.cancel()
 
     def _trouble(self) -> None:
@@ -112,24 +131,52 @@ class GuardedStream(trio.abc.Stream):
         end = window.find(END_OF_HEAD)
         head_part = data if end < 0 else window[len(self._tail) : end + len(END_OF_HEAD)]
         self._head_seen += len(head_part)
-        self._head_lines += (self._tail[-1:] + head_part).count(b"\r\n")
+        crlf = (self._tail[-1:] + head_part).count(b"\r\n")
+        self._head_lines += crlf
         self._tail = window[-3:]
         if end >= 0:
             self._head_done = True
         if self._head_seen > self._max_bytes or self._head_lines > self._max_lines + 2:
-            self.oversized = True
-            self._trouble()
-            return bytearray()  # the parser sees the stream end; the handshake answers 431
+            return self._refuse(RESPONSE_431)
+        if head_part.count(b"\n") != crlf:
+            return self._refuse(RESPONSE_400_BARE_LF)
+        if self._first_line is not None:
+            self._first_line += head_part
+            line_end = self._first_line.find(b"\r\n")
+            if line_end >= 0:
+                request_line, self._first_line = self._first_line[:line_end], None
+                if not request_line.endswith(HTTP_11):
+                    return self._refuse(RESPONSE_400_VERSION)
         return data
+
+    def _refuse(self, response: bytes) -> bytearray:
+        self.refusal = response
+        self._trouble()
+        return bytearray()  # the parser sees the stream end; the handshake writes the refusal
 
     async def aclose(self) -> None:
         self._set_gone()
         await self._stream.aclose()
 
     async def reply_raw(self, data: bytes) -> None:
-        """Write bytes below the WebSocket layer (the 431 refusal)."""
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._stream.send_all(data)
+        """Write bytes below the WebSocket layer (a refusal of the head)."""
+        await refuse_raw(self._stream, data)
+
+
+async def refuse_raw(stream: trio.abc.Stream, response: bytes, *, linger: float = 1.0) -> None:
+    """Write a raw HTTP refusal, then half-close and read for up to ``linger`` seconds.
+
+    Closing a socket with unread bytes makes the kernel send a reset, which may destroy
+    the answer before the client reads it; reading until the client closes its end (or
+    ``linger`` is over) lets the answer arrive.
+    """
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(response)
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+            with trio.move_on_after(linger):
+                while await stream.receive_some(65536):
+                    pass
 
 
 def peer_address(stream: trio.abc.Stream) -> str:

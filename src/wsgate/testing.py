@@ -70,6 +70,8 @@ def settings_for_tests(**overrides: Any) -> Settings:
         # Every in-memory client shares one "address"; tests of the rate limit set their own.
         "server.handshake_rate": 1e9,
         "server.handshake_burst": 1_000_000,
+        "server.max_pending_handshakes_per_address": 1_000_000,
+        "server.max_pending_handshakes": 1_000_000,
     }
     base.update(overrides)
     return load_settings(None, env={}, overrides=base)

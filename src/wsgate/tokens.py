@@ -72,7 +72,9 @@ class Identity:
     @property
     def subject_hash(self) -> str:
         """A short stable hash of the subject, for logs."""
-        return hashlib.sha256(f"{self.tenant}\0{self.subject}".encode()).hexdigest()[:12]
+        # surrogatepass: an Identity built by hand may hold text with no UTF-8 form.
+        key = f"{self.tenant}\0{self.subject}".encode("utf-8", "surrogatepass")
+        return hashlib.sha256(key).hexdigest()[:12]
 
 
 class TokenRejected(Unauthorized):
@@ -217,8 +219,17 @@ def _read_header(token: str) -> dict[str, Any]:
     return header
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite JSON number (not a bool), else None.
+
+    Integers too large for a float (``10**400``) are None, not an OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 class TokenVerifier:
@@ -282,7 +293,12 @@ class TokenVerifier:
         )
 
     def verify(self, token: str, now: float, source: TokenSource) -> Identity:
-        """Return the token's identity, or raise :class:`TokenRejected` saying why."""
+        """Return the token's identity, or raise :class:`TokenRejected` saying why.
+
+        Everything from the raw string to the :class:`Identity`, claim conversions
+        included, happens inside this one error boundary: a signed token with claims
+        of any shape or size is refused with a reason, never with another exception.
+        """
         if len(token) > self._max_bytes:
             raise TokenRejected("token too large")
         if token.count(".") != 2 or not token.isascii():
@@ -291,6 +307,7 @@ class TokenVerifier:
             header = _read_header(token)
             alg = self._check_header(header)
             claims = self._decode(token, header, alg)
+            return self._identity(claims, now, source)
         except TokenRejected:
             raise
         except jwt.ExpiredSignatureError:
@@ -303,9 +320,16 @@ class TokenVerifier:
             raise TokenRejected("wrong issuer") from None
         except jwt.MissingRequiredClaimError as exc:
             raise TokenRejected(f"missing claim {exc.claim}") from None
-        except (jwt.PyJWTError, binascii.Error, ValueError, TypeError, KeyError, RecursionError):
+        except (
+            jwt.PyJWTError,
+            binascii.Error,
+            ValueError,
+            TypeError,
+            KeyError,
+            RecursionError,
+            OverflowError,
+        ):
             raise TokenRejected("malformed token") from None
-        return self._identity(claims, now, source)
 
     def _check_header(self, header: Mapping[str, Any]) -> str:
         alg = header.get("alg")
@@ -359,27 +383,27 @@ class TokenVerifier:
         raise last
 
     def _identity(self, claims: Mapping[str, Any], now: float, source: TokenSource) -> Identity:
-        for name in ("exp", "nbf", "iat"):
-            if name in claims and not _is_number(claims[name]):
-                raise TokenRejected(f"claim {name} must be a number")
-        exp = float(claims["exp"])
+        exp = _number_claim(claims, "exp")
+        nbf = _number_claim(claims, "nbf")
+        iat = _number_claim(claims, "iat")
+        assert exp is not None  # a required claim: PyJWT checked it is there
         if now > exp + self._leeway:
             raise TokenRejected("token expired")
-        if "nbf" in claims and now + self._leeway < float(claims["nbf"]):
+        if nbf is not None and now + self._leeway < nbf:
             raise TokenRejected("token not yet valid")
-        if "iat" in claims and now + self._leeway < float(claims["iat"]):
+        if iat is not None and now + self._leeway < iat:
             raise TokenRejected("token issued in the future")
         # Exact comparison ourselves too: never a prefix, substring or list match.
         if self._issuer is not None and claims.get("iss") != self._issuer:
             raise TokenRejected("wrong issuer")
         subject = claims["sub"]
-        if not isinstance(subject, str) or not subject or len(subject) > 256:
+        if not isinstance(subject, str) or not subject or len(subject) > 256 or not _has_utf8(subject):
             raise TokenRejected("claim sub must be a non-empty string")
         tenant = claims.get(self._tenant_claim)
-        if tenant is not None and (not isinstance(tenant, str) or len(tenant) > 256):
+        if tenant is not None and (not isinstance(tenant, str) or len(tenant) > 256 or not _has_utf8(tenant)):
             raise TokenRejected(f"claim {self._tenant_claim} must be a string")
         jti = claims.get("jti")
-        if jti is not None and not isinstance(jti, str):
+        if jti is not None and (not isinstance(jti, str) or not _has_utf8(jti)):
             raise TokenRejected("claim jti must be a string")
         return Identity(
             subject=subject,
@@ -387,16 +411,39 @@ class TokenVerifier:
             source=source,
             tenant=tenant,
             scopes=_scopes(claims),
-            issued_at=float(claims["iat"]) if "iat" in claims else None,
+            issued_at=iat,
             token_id=jti,
         )
 
 
+def _number_claim(claims: Mapping[str, Any], name: str) -> float | None:
+    """A numeric date claim as a float; None when absent. Refuses what is not a finite
+    number, including integers too large for a float (``10**400``)."""
+    if name not in claims:
+        return None
+    number = finite_number(claims[name])
+    if number is None:
+        raise TokenRejected(f"claim {name} must be a number")
+    return number
+
+
+def _has_utf8(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8 (JSON's ``\\ud800`` escapes make strings
+    that cannot). Such a claim could be neither logged, hashed nor sent back."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     scope = claims.get("scope", claims.get("scp"))
-    if isinstance(scope, str):
+    if isinstance(scope, str) and _has_utf8(scope):
         return frozenset(scope.split())
-    if isinstance(scope, list) and all(isinstance(s, str) for s in scope):
+    if isinstance(scope, list) and all(isinstance(s, str) and _has_utf8(s) for s in scope):
         return frozenset(scope)
     if scope is None:
         return frozenset()
@@ -434,6 +481,7 @@ __all__ = [
     "TokenVerifier",
     "UnknownKey",
     "VerificationKey",
+    "finite_number",
     "load_keys",
     "mint_token",
 ]

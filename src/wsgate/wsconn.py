@@ -5,12 +5,26 @@ a ``CloseConnection`` carrying the right code (1007, 1002) but leaves the
 connection open, so trio-websocket drops the TCP connection without a close
 frame and the client never learns why. Marking the connection as closed by
 the remote side makes trio-websocket answer with that code first, as RFC 6455
-asks. It also caps the fragments of one message (1009 beyond the cap), does
+asks. It also refuses a frame whose header declares more than the message
+size limit (1009 at once, not after waiting for a body that may never come),
+caps the fragments of one message (1009 beyond the cap), does
 not answer a ping that crossed our close frame (trio-websocket would try, and
 wsproto raise), lets go of the opening handshake's state once the upgrade
 is done, empties each message event once trio-websocket has handled it (a
 message may carry a token), and lets several queued messages go out in one
 write (:func:`send_texts`).
+
+The private parts of trio-websocket and wsproto used here, and why (this is the
+only module that touches them; ``tests/test_wsconn.py`` fails when one moves):
+
+- ``WebSocketConnection._reader_task`` and ``_get_request``: starting a server
+  connection over our wsproto subclass (the public ``wrap_server_stream`` makes
+  its own ``WSConnection``); ``_open_handshake`` likewise for the client.
+- ``WebSocketConnection._send``: several messages in one write.
+- ``Connection._state``: marking a connection closed by the peer.
+- ``WSConnection.handshake``: dropped once the upgrade is done.
+- ``Connection._proto._frame_decoder.extensions``: where the declared-size limit
+  (a public ``wsproto.extensions.Extension``) is put, since it is not negotiated.
 """
 
 from __future__ import annotations
@@ -24,6 +38,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Event, Pong, TextMessage
+from wsproto.extensions import Extension
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 
 @dataclass(frozen=True)
@@ -33,10 +49,37 @@ class _Batch(Event):
     messages: tuple[str, ...]
 
 
+class _DeclaredSizeLimit(Extension):
+    """Refuses a frame as soon as its header declares a payload over ``limit`` bytes.
+
+    Not an extension a peer negotiates: wsproto's hook for frame headers is where a
+    declared length can be seen before the payload arrives.
+    """
+
+    name = "wsgate-declared-size-limit"
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+
+    def enabled(self) -> bool:
+        return True
+
+    def offer(self) -> bool:
+        return False
+
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        if payload_length > self._limit:
+            return CloseReason.MESSAGE_TOO_BIG
+        return RsvBits(False, False, False)
+
+
 class _AnsweringWSConnection(WSConnection):
-    def __init__(self, connection_type: ConnectionType, max_fragments: int) -> None:
+    def __init__(self, connection_type: ConnectionType, max_fragments: int, max_frame_bytes: int) -> None:
         super().__init__(connection_type)
         self._max_fragments = max_fragments
+        self._max_frame_bytes = max_frame_bytes
         self._fragments = 0
         self._upgraded = False
 
@@ -55,9 +98,13 @@ class _AnsweringWSConnection(WSConnection):
         return data
 
     def _drop_handshake(self) -> None:
-        """Let go of the opening handshake once it is over (see :meth:`_events`)."""
+        """Let go of the opening handshake once it is over (see :meth:`_events`), and
+        bound the frames the connection will parse from now on."""
         self._upgraded = True
+        connection = self.connection
         del self.handshake
+        if connection is not None:
+            connection._proto._frame_decoder.extensions.append(_DeclaredSizeLimit(self._max_frame_bytes))
 
     def _events(self) -> Generator[Event, None, None]:
         """``WSConnection.events``, letting go of the opening handshake once it is over.
@@ -95,6 +142,9 @@ class _AnsweringWSConnection(WSConnection):
                 connection = self.connection
                 if connection is not None and connection.state is ConnectionState.OPEN:
                     connection._state = ConnectionState.REMOTE_CLOSING
+                close = cast(CloseConnection, event)
+                if close.code == CloseReason.MESSAGE_TOO_BIG and close.reason == "error in extension":
+                    event = CloseConnection(code=close.code, reason="message too big")
                 yield event
                 return
             yield event
@@ -111,7 +161,7 @@ async def wrap_server_stream(
     """Like ``trio_websocket.wrap_server_stream``, answering unparsable frames with their code."""
     connection = WebSocketConnection(
         stream,
-        _AnsweringWSConnection(ConnectionType.SERVER, max_fragments),
+        _AnsweringWSConnection(ConnectionType.SERVER, max_fragments, max_message_size),
         message_queue_size=message_queue_size,
         max_message_size=max_message_size,
     )
@@ -150,7 +200,9 @@ async def wrap_client_stream(
     harness's client must not raise either when the gateway's ping crosses its close."""
     connection = WebSocketConnection(
         stream,
-        _AnsweringWSConnection(ConnectionType.CLIENT, max_fragments=1 << 20),
+        _AnsweringWSConnection(
+            ConnectionType.CLIENT, max_fragments=1 << 20, max_frame_bytes=max_message_size
+        ),
         host=host,
         path=resource,
         client_subprotocols=subprotocols,
