@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,18 @@ class Server:
         return out.stdout.strip()
 
 
-def start_server(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-    """Start ``wsgate serve --port 0`` in ``cwd`` and wait for its listening line."""
+WSGATE = (sys.executable, "-m", "wsgate")
+
+
+def start_server(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, command: Sequence[str] = WSGATE
+) -> Server:
+    """Start ``wsgate serve --port 0`` in ``cwd`` and wait for its listening line.
+
+    ``command`` runs instead of ``python -m wsgate`` (it is given ``serve --port 0 ...``).
+    """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wsgate", "serve", "--port", "0", *args],
+        [*command, "serve", "--port", "0", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
