@@ -56,8 +56,8 @@ class PendingHandshakes:
     """Handshakes under way (accepted, not yet admitted or refused), per client address
     and in all, each count capped: what a client may hold before it has authenticated.
 
-    :meth:`hold` takes a place or says which cap is full; the place is a context
-    manager, entered at once, so it is given back however the handshake ends.
+    :meth:`hold` checks the caps; the place it returns counts from when it is entered
+    (``with``) until it is left, so nothing can come between counting and giving back.
     """
 
     __slots__ = ("_by_address", "_per_address", "_total", "_total_cap")
@@ -71,20 +71,18 @@ class PendingHandshakes:
     def __len__(self) -> int:
         return self._total
 
-    def held_by(self, address: str) -> int:
-        return self._by_address.get(address, 0)
-
     def hold(self, address: str) -> PendingHandshake | str:
         """A place for one more handshake from ``address``, or the name of the full cap
         (``"address"`` or ``"total"``)."""
-        held = self._by_address.get(address, 0)
-        if held >= self._per_address:
+        if self._by_address.get(address, 0) >= self._per_address:
             return "address"
         if self._total >= self._total_cap:
             return "total"
-        self._by_address[address] = held + 1
-        self._total += 1
         return PendingHandshake(self, address)
+
+    def _take(self, address: str) -> None:
+        self._by_address[address] = self._by_address.get(address, 0) + 1
+        self._total += 1
 
     def _release(self, address: str) -> None:
         self._total -= 1
@@ -96,16 +94,21 @@ class PendingHandshakes:
 
 
 class PendingHandshake:
-    __slots__ = ("_address", "_owner")
+    """One handshake's place; counted while inside its ``with`` block."""
+
+    __slots__ = ("_address", "_owner", "_taken")
 
     def __init__(self, owner: PendingHandshakes, address: str) -> None:
-        self._owner: PendingHandshakes | None = owner
+        self._owner = owner
         self._address = address
+        self._taken = False
 
     def __enter__(self) -> PendingHandshake:
+        self._owner._take(self._address)
+        self._taken = True
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self._owner is not None:
+        if self._taken:
+            self._taken = False
             self._owner._release(self._address)
-            self._owner = None

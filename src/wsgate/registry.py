@@ -35,34 +35,36 @@ class Hub:
 
 
 class Lease:
-    """One connection's place in the registry, from admission to close; released on
-    leaving its ``with`` block (or by :meth:`release`), once."""
+    """One connection's place in the registry, from admission to close: counted from
+    when it is entered (``with``, or an exit stack) until it is left or released."""
 
-    __slots__ = ("_hub", "_registry", "_released", "_session")
+    __slots__ = ("_hub", "_key", "_registry", "_session")
 
-    def __init__(self, registry: Registry, hub: Hub) -> None:
+    def __init__(self, registry: Registry, key: UserKey) -> None:
         self._registry = registry
-        self._hub = hub
+        self._key = key
+        self._hub: Hub | None = None
         self._session: Session | None = None
-        self._released = False
 
     def __enter__(self) -> Lease:
+        self._hub = self._registry._take(self._key)
         return self
 
     def __exit__(self, *_: object) -> None:
         self.release()
 
     def attach(self, session: Session) -> None:
+        assert self._hub is not None, "attach to an entered lease"
         self._session = session
         self._hub.sessions.add(session)
 
     def release(self) -> None:
-        if self._released:
+        hub, self._hub = self._hub, None
+        if hub is None:
             return
-        self._released = True
         if self._session is not None:
-            self._hub.sessions.discard(self._session)
-        self._registry._release(self._hub)
+            hub.sessions.discard(self._session)
+        self._registry._release(hub)
 
 
 class Registry:
@@ -83,20 +85,25 @@ class Registry:
         return len(self._hubs)
 
     def lease(self, key: UserKey, retry_after: float = 1.0) -> Lease:
-        """Reserve a connection for ``key`` or raise :class:`TooManyRequests`; enter the
-        lease at once (``with``, or an exit stack) so that it is given back."""
+        """A place for one more connection of ``key``, or :class:`TooManyRequests`. It
+        counts once entered: enter it at once (``with``, or an exit stack); nothing may
+        wait in between, or two handshakes could both take the last place."""
         if self._leases >= self._total:
             raise TooManyRequests("too many connections on this server", retry_after=retry_after)
         hub = self._hubs.get(key)
         if hub is not None and hub.leases >= self._per_user:
             raise TooManyRequests("too many connections for this user", retry_after=retry_after)
+        return Lease(self, key)
+
+    def _take(self, key: UserKey) -> Hub:
+        hub = self._hubs.get(key)
         if hub is None:
             hub = self._hubs[key] = Hub(key)
+        if self._leases == 0:
+            self._empty = trio.Event()
         hub.leases += 1
         self._leases += 1
-        if self._empty.is_set():
-            self._empty = trio.Event()
-        return Lease(self, hub)
+        return hub
 
     def _release(self, hub: Hub) -> None:
         hub.leases -= 1
