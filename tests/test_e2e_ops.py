@@ -185,3 +185,34 @@ def test_the_handshake_limit_is_per_client_address(tmp_path: Path) -> None:
         assert asyncio.run(scenario()) == [101, 101, 429, 101, 101]
     finally:
         stop(server)
+
+
+def test_a_push_that_is_not_valid_json_text_is_refused_and_harms_nobody(gateway: Gateway) -> None:
+    """A /publish body with an unpaired surrogate (or NaN) is a 400 naming the problem;
+    the receiving user's connection is not touched (it was closed with 1011 before)."""
+
+    def raw_publish(body: str) -> httpx.Response:
+        return httpx.post(
+            f"{gateway.server.admin}/publish",
+            content=body.encode(),
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+            timeout=10,
+        )
+
+    async def scenario() -> None:
+        async with websockets.connect(gateway.server.url, additional_headers=gateway.headers("alice")) as ws:
+            await recv(ws)
+            for body, says in (
+                ('{"subject": "alice", "event": {"text": "\\ud800"}}', "unpaired surrogate"),
+                ('{"subject": "alice", "event": {"n": NaN}}', "NaN is not JSON"),
+            ):
+                refused = await asyncio.to_thread(raw_publish, body)
+                assert refused.status_code == 400
+                assert says in refused.json()["error"]
+            paired = await asyncio.to_thread(
+                raw_publish, '{"subject": "alice", "event": {"t": "\\ud83d\\ude00"}}'
+            )
+            assert paired.json() == {"delivered": 1, "connections": 1}
+            assert (await recv(ws))["event"] == {"t": "\U0001f600"}
+
+    asyncio.run(scenario())

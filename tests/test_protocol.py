@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from wsgate.agent import Emit, RunContext
 from wsgate.errors import BadRequest
-from wsgate.protocol import ProtocolError, UserMessage, parse_client_message
+from wsgate.protocol import ProtocolError, UserMessage, encode, parse_client_message
 from wsgate.sources import extract_credentials
+from wsgate.testing import open_harness
 from wsgate.tokens import TokenSource
 
 
@@ -75,3 +81,42 @@ def test_deep_json_is_refused_without_recursion_error() -> None:
         parse_client_message("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ProtocolError, match="nested too deeply"):
         parse_client_message('{"type":"ping","x":' + "[" * 20 + "]" * 20 + "}")
+
+
+async def test_text_with_no_utf8_form_is_sent_escaped_never_as_1011(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An operator's in-process push holding an unpaired surrogate reaches the client as the
+    JSON escape it came from; the connection lives on."""
+    async with open_harness() as h, h.connect(h.token("alice")) as client:
+        await client.receive_json()
+        assert h.gateway.publish("alice", {"text": "a\ud800b"}) == (1, 1)
+        raw = await client.ws.get_message()
+        assert isinstance(raw, str) and "\\ud800" in raw and raw.isascii()
+        assert json.loads(raw)["event"] == {"text": "a\ud800b"}
+        assert (await client.run("still here"))[-1]["status"] == "ok"
+
+
+def test_encode_is_valid_utf8_and_refuses_what_json_has_no_form_for() -> None:
+    assert encode({"t": "\U0001f600"}) == '{"t":"\U0001f600"}'  # valid text stays as it is
+    assert encode({"t": "\udfff"}).encode() == b'{"t":"\\udfff"}'
+    with pytest.raises(ValueError):
+        encode({"n": float("nan")})
+
+
+class NanAgent:
+    async def run(self, ctx: RunContext, message: str, emit: Emit) -> None:
+        await emit("agent_started")
+        await emit("agent_thinking", score=float("nan"))
+
+
+async def test_an_agent_event_json_has_no_form_for_ends_the_run_not_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_harness(agent=NanAgent()) as h, h.connect(h.token("alice")) as client:
+        await client.receive_json()
+        events = await client.run("x")
+        assert [e["type"] for e in events] == ["agent_started", "agent_completed"]
+        assert events[-1]["status"] == "error"
+        await client.send_json({"type": "ping", "id": "alive"})
+        assert (await client.receive_json())["id"] == "alive"
