@@ -9,31 +9,33 @@ import pytest
 from wsgate.policy import Level, ServiceAnswer, Verdict, Verification, calls_service, decide
 
 V, F, N = Verification.VERIFIED, Verification.FAILED, Verification.NO_TOKEN
-ACTIVE, INACTIVE, DOWN, NOT_CALLED = (
+ACTIVE, INACTIVE, DOWN, REFUSED, NOT_CALLED = (
     ServiceAnswer.ACTIVE,
     ServiceAnswer.INACTIVE,
     ServiceAnswer.UNAVAILABLE,
+    ServiceAnswer.REFUSED,
     ServiceAnswer.NOT_CALLED,
 )
 ADMIT, DEGRADED, ANON = Verdict.ADMIT, Verdict.ADMIT_DEGRADED, Verdict.ADMIT_ANONYMOUS
 R401, R503 = Verdict.REJECT_UNAUTHORIZED, Verdict.REJECT_UNAVAILABLE
 
-# (level, verification) -> verdict for each service answer: active, inactive, unavailable, not called
+# (level, verification) -> verdict for each service answer: active, inactive, unavailable,
+# refused (the service refused the gateway's own request: decided as unavailable), not called
 TABLE = {
-    (Level.STRICT, V): (ADMIT, R401, R503, ADMIT),
-    (Level.TOLERANT, V): (ADMIT, R401, DEGRADED, ADMIT),
-    (Level.LOCAL, V): (ADMIT, ADMIT, ADMIT, ADMIT),
-    (Level.DEMO, V): (ADMIT, R401, DEGRADED, ADMIT),
-    (Level.STRICT, F): (R401,) * 4,
-    (Level.TOLERANT, F): (R401,) * 4,
-    (Level.LOCAL, F): (R401,) * 4,
-    (Level.DEMO, F): (R401,) * 4,
-    (Level.STRICT, N): (R401,) * 4,
-    (Level.TOLERANT, N): (R401,) * 4,
-    (Level.LOCAL, N): (R401,) * 4,
-    (Level.DEMO, N): (ANON,) * 4,
+    (Level.STRICT, V): (ADMIT, R401, R503, R503, ADMIT),
+    (Level.TOLERANT, V): (ADMIT, R401, DEGRADED, DEGRADED, ADMIT),
+    (Level.LOCAL, V): (ADMIT, ADMIT, ADMIT, ADMIT, ADMIT),
+    (Level.DEMO, V): (ADMIT, R401, DEGRADED, DEGRADED, ADMIT),
+    (Level.STRICT, F): (R401,) * 5,
+    (Level.TOLERANT, F): (R401,) * 5,
+    (Level.LOCAL, F): (R401,) * 5,
+    (Level.DEMO, F): (R401,) * 5,
+    (Level.STRICT, N): (R401,) * 5,
+    (Level.TOLERANT, N): (R401,) * 5,
+    (Level.LOCAL, N): (R401,) * 5,
+    (Level.DEMO, N): (ANON,) * 5,
 }
-ANSWERS = (ACTIVE, INACTIVE, DOWN, NOT_CALLED)
+ANSWERS = (ACTIVE, INACTIVE, DOWN, REFUSED, NOT_CALLED)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import attrs
 
 from .clock import WallClock
 from .errors import Forbidden, Unauthorized, Unavailable
-from .introspection import IntrospectionClient, ServiceUnavailable, TokenInfo
+from .introspection import IntrospectionClient, ServiceRefused, ServiceUnavailable, TokenInfo
 from .jwks import KeySetSource
 from .policy import Level, ServiceAnswer, Verdict, Verification, calls_service, decide
 from .tokens import Identity, TokenRejected, TokenSource, TokenVerifier, UnknownKey
@@ -103,22 +103,38 @@ class Authenticator:
         self.stats: Counter[str] = Counter()
 
     async def verify(self, token: str, source: TokenSource) -> Identity:
-        """Local verification only (signature and claims), refreshing the key set on a new ``kid``."""
-        if self.key_set is not None and not self.key_set.loaded and not self.verifier.keys:
+        """Local verification only (signature and claims), bringing the key set up to date
+        for a ``kid`` we lack. Raises :class:`TokenRejected`, or :class:`Unavailable` while
+        a token's key can be neither found nor ruled out."""
+        key_set = self.key_set
+        if key_set is not None and not key_set.loaded and not self.verifier.keys:
             raise Unavailable("signing keys are not loaded yet", retry_after=5)
         try:
             return self.verifier.verify(token, self.clock.now(), source)
-        except UnknownKey:
-            if self.key_set is None or not await self.key_set.on_unknown_kid():
+        except UnknownKey as unknown:
+            if key_set is None:
                 raise
-        return self.verifier.verify(token, self.clock.now(), source)
+            retry_after = await key_set.on_unknown_kid(unknown.kid)
+            if retry_after is not None:
+                raise Unavailable(
+                    "the token's signing key cannot be checked yet", retry_after=retry_after
+                ) from None
+        try:
+            return self.verifier.verify(token, self.clock.now(), source)
+        except UnknownKey as unknown:
+            key_set.confirm_absent(unknown.kid)
+            raise
 
-    async def ask_service(self, token: str) -> tuple[ServiceAnswer, TokenInfo | None, float]:
-        """The auth service's answer, with a Retry-After hint for when it is unavailable."""
+    async def ask_service(
+        self, token: str, expires_at: float | None = None
+    ) -> tuple[ServiceAnswer, TokenInfo | None, float]:
+        """The auth service's answer, with a Retry-After hint for when it has none."""
         if self.introspection is None:
             return ServiceAnswer.NOT_CALLED, None, 0.0
         try:
-            info = await self.introspection.introspect(token)
+            info = await self.introspection.introspect(token, expires_at)
+        except ServiceRefused as exc:
+            return ServiceAnswer.REFUSED, None, exc.retry_after
         except ServiceUnavailable as exc:
             return ServiceAnswer.UNAVAILABLE, None, exc.retry_after
         return (ServiceAnswer.ACTIVE if info.active else ServiceAnswer.INACTIVE), info, 0.0
@@ -141,7 +157,7 @@ class Authenticator:
             raise Forbidden("token revoked")
         answer, info, retry_after = ServiceAnswer.NOT_CALLED, None, 0.0
         if calls_service(self.level, Verification.VERIFIED):
-            answer, info, retry_after = await self.ask_service(token)
+            answer, info, retry_after = await self.ask_service(token, identity.expires_at)
         decision = decide(Verification.VERIFIED, answer, self.level)
         self.stats[decision.verdict.value] += 1
         if decision.verdict is Verdict.REJECT_UNAUTHORIZED:

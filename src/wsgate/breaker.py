@@ -58,6 +58,8 @@ class Transition:
     old: BreakerState
     new: BreakerState
     at: float
+    #: Why, with the numbers (``failure rate 6/10 >= 0.5``), for the log line.
+    reason: str = ""
 
 
 class CircuitBreaker:
@@ -83,7 +85,7 @@ class CircuitBreaker:
         """May a call be made now? Also returns the transition this caused, if any."""
         transition = None
         if self.state is BreakerState.OPEN and now >= self.opened_at + self.config.open_wait:
-            transition = self._move(BreakerState.HALF_OPEN, now)
+            transition = self._move(BreakerState.HALF_OPEN, now, f"{self.config.open_wait:g} s open")
         if self.state is BreakerState.CLOSED:
             if self.in_flight >= self.config.max_concurrent_calls:
                 return Decision.WAIT, transition
@@ -104,11 +106,13 @@ class CircuitBreaker:
             if outcome is Outcome.ABANDONED:
                 self._probes_issued -= 1
                 return None
-            if outcome is Outcome.FAILURE or duration >= self.config.slow_call_duration:
-                return self._move(BreakerState.OPEN, now)
+            if outcome is Outcome.FAILURE:
+                return self._move(BreakerState.OPEN, now, "a probe failed")
+            if duration >= self.config.slow_call_duration:
+                return self._move(BreakerState.OPEN, now, f"a probe took {duration:.3g} s")
             self._probes_succeeded += 1
             if self._probes_succeeded >= self.config.half_open_calls:
-                return self._move(BreakerState.CLOSED, now)
+                return self._move(BreakerState.CLOSED, now, f"{self._probes_succeeded} probes succeeded")
             return None
         if self.state is not BreakerState.CLOSED or permitted_in is not BreakerState.CLOSED:
             return None  # a late answer from an earlier state says nothing about now
@@ -120,11 +124,20 @@ class CircuitBreaker:
         calls = len(self._window)
         failures = sum(failed for failed, _ in self._window)
         slow = sum(is_slow for _, is_slow in self._window)
-        if failures / calls >= self.config.failure_rate or slow / calls >= self.config.slow_call_rate:
-            return self._move(BreakerState.OPEN, now)
+        config = self.config
+        if failures / calls >= config.failure_rate:
+            return self._move(
+                BreakerState.OPEN, now, f"failure rate {failures}/{calls} >= {config.failure_rate:g}"
+            )
+        if slow / calls >= config.slow_call_rate:
+            reason = (
+                f"slow-call rate {slow}/{calls} >= {config.slow_call_rate:g}"
+                f" (slow: {config.slow_call_duration:g} s or more)"
+            )
+            return self._move(BreakerState.OPEN, now, reason)
         return None
 
-    def _move(self, new: BreakerState, now: float) -> Transition:
+    def _move(self, new: BreakerState, now: float, reason: str) -> Transition:
         old, self.state = self.state, new
         if new is BreakerState.OPEN:
             self.opened_at = now
@@ -132,4 +145,4 @@ class CircuitBreaker:
             self._probes_issued = self._probes_succeeded = 0
         if new is BreakerState.CLOSED:
             self._window.clear()
-        return Transition(old, new, now)
+        return Transition(old, new, now, reason)

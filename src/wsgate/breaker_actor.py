@@ -39,7 +39,8 @@ class _Report:
 
 
 class BreakerActor:
-    def __init__(self, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(self, breaker: CircuitBreaker | None = None, *, name: str = "auth service") -> None:
+        self.name = name
         self._breaker = breaker or CircuitBreaker()
         self._inbox_send, self._inbox = trio.open_memory_channel[_Ask | _Report](math.inf)
         self._subscribers: list[trio.MemorySendChannel[Transition]] = []
@@ -122,10 +123,16 @@ class BreakerActor:
     def _publish(self, transition: Transition) -> None:
         self.stats[f"transition.{transition.new.value}"] += 1
         log.warning(
-            "auth service breaker %s -> %s",
+            "%s breaker %s -> %s: %s",
+            self.name,
             transition.old.value,
             transition.new.value,
-            extra={"event": "breaker.transition", "outcome": transition.new.value},
+            transition.reason,
+            extra={
+                "event": "breaker.transition",
+                "outcome": transition.new.value,
+                "reason": transition.reason,
+            },
         )
         for subscriber in list(self._subscribers):
             try:

@@ -119,23 +119,27 @@ class AuthSettings:
     introspection_url: str | None = None
     client_id: str | None = None
     client_secret: str | None = attrs.field(default=None, metadata=SECRET, repr=False)
-    client_auth: str = attrs.field(default="basic", validator=_one_of("basic", "bearer", "none"))
+    client_auth: str = attrs.field(
+        default="basic", validator=_one_of("basic", "post", "bearer", "client_credentials", "none")
+    )
+    token_url: str | None = None
+    token_scope: str | None = None
     call_timeout: float = attrs.field(default=1.0, validator=_positive())
     deadline: float = attrs.field(default=2.0, validator=_positive())
     retries: int = attrs.field(default=2, validator=_between(0, 10))
     backoff_base: float = attrs.field(default=0.1, validator=_positive())
     backoff_max: float = attrs.field(default=1.0, validator=_positive())
-    cache_ttl: float = attrs.field(default=60.0, validator=_non_negative())
+    cache_ttl: float = attrs.field(default=10.0, validator=_non_negative())
     negative_cache_ttl: float = attrs.field(default=5.0, validator=_non_negative())
     cache_size: int = attrs.field(default=10000, validator=_positive())
     jwks_url: str | None = None
     discovery: bool = False
     jwks_refresh_interval: float = attrs.field(default=300.0, validator=_positive())
-    jwks_min_refetch_interval: float = attrs.field(default=30.0, validator=_positive())
+    jwks_min_refetch_interval: float = attrs.field(default=5.0, validator=_positive())
     anonymous_ttl: float = attrs.field(default=3600.0, validator=_positive())
     refresh_ahead: float | None = attrs.field(default=None, validator=_between(0, 3600))
     expiry_grace: float = attrs.field(default=0.0, validator=_between(0, 300))
-    revalidate_interval: float = attrs.field(default=300.0, validator=_between(1, 86400))
+    revalidate_interval: float = attrs.field(default=60.0, validator=_between(1, 86400))
     refresh_limit: int = attrs.field(default=10, validator=_between(1, 10000))
     refresh_window: float = attrs.field(default=60.0, validator=_positive())
     first_message: bool = False
@@ -149,11 +153,20 @@ class BreakerSettings:
     window: int = attrs.field(default=20, validator=_between(1, 10000))
     min_calls: int = attrs.field(default=10, validator=_between(1, 10000))
     failure_rate: float = attrs.field(default=0.5, validator=_between(0.01, 1))
-    slow_call_duration: float = attrs.field(default=0.5, validator=_positive())
+    #: None: 90 % of the call's deadline (``auth.call_timeout``), so that a provider that is
+    #: slow but answers in time (PBKDF2 on every call) does not open the breaker.
+    slow_call_duration: float | None = attrs.field(default=None, validator=_positive())
     slow_call_rate: float = attrs.field(default=1.0, validator=_between(0.01, 1))
     open_wait: float = attrs.field(default=5.0, validator=_positive())
     half_open_calls: int = attrs.field(default=3, validator=_between(1, 1000))
     max_concurrent_calls: int = attrs.field(default=20, validator=_between(1, 10000))
+
+    def for_calls(self, call_timeout: float) -> dict[str, Any]:
+        """The pure breaker's configuration for calls with deadline ``call_timeout``."""
+        fields = attrs.asdict(self)
+        if fields["slow_call_duration"] is None:
+            fields["slow_call_duration"] = 0.9 * call_timeout
+        return fields
 
 
 @attrs.frozen
@@ -199,6 +212,15 @@ class Settings:
     log: LogSettings = LogSettings()
 
     @property
+    def introspects(self) -> bool:
+        """Whether an auth service is asked about tokens: a URL is set, or discovery may
+        find one and the gateway has credentials to present to it."""
+        auth = self.auth
+        if auth.introspection_url:
+            return True
+        return auth.discovery and (auth.client_auth == "none" or auth.client_secret is not None)
+
+    @property
     def has_keys(self) -> bool:
         auth = self.auth
         return bool(auth.keys or auth.hmac_secret or auth.jwks_url or (auth.discovery and auth.issuer))
@@ -228,13 +250,19 @@ class Settings:
             found.append("auth.jwks_url: set either auth.jwks_url or auth.discovery, not both")
         if auth.call_timeout > auth.deadline:
             found.append("auth.call_timeout: must not exceed auth.deadline")
-        if auth.introspection_url and auth.deadline >= self.server.handshake_timeout:
+        if self.introspects and auth.deadline >= self.server.handshake_timeout:
             found.append("auth.deadline: must be shorter than server.handshake_timeout")
         if auth.client_auth != "none" and auth.introspection_url and not auth.client_secret:
             found.append(f"auth.client_secret: needed for client_auth = {auth.client_auth}")
-        if auth.client_auth == "basic" and auth.introspection_url and not auth.client_id:
-            found.append("auth.client_id: needed for client_auth = basic")
-        for name in ("introspection_url", "jwks_url"):
+        if (
+            auth.client_auth in ("basic", "post", "client_credentials")
+            and self.introspects
+            and not auth.client_id
+        ):
+            found.append(f"auth.client_id: needed for client_auth = {auth.client_auth}")
+        if auth.client_auth == "client_credentials" and not (auth.token_url or auth.discovery):
+            found.append("auth.token_url: needed for client_auth = client_credentials (or auth.discovery)")
+        for name in ("introspection_url", "jwks_url", "token_url"):
             url = getattr(auth, name)
             if url and not url.startswith(("http://", "https://")):
                 found.append(f"auth.{name}: must be an http:// or https:// URL")

@@ -1,9 +1,20 @@
 """Keys from a JWKS URL or OIDC discovery, kept fresh in the background.
 
-An unknown ``kid`` triggers a re-fetch at most once per
-``auth.jwks_min_refetch_interval``, so garbage ``kid``s cannot make us hammer
-the key server. Symmetric (``oct``) keys from a key set are never used, and
-``jku``/``x5u`` in tokens are never followed (the verifier refuses them).
+A token with an unknown ``kid`` makes the key set be fetched again at once
+(one fetch at a time, awaited within the handshake's deadline), so a key the
+provider has just rotated in is accepted on its first handshake. Such fetches
+happen at most once per ``auth.jwks_min_refetch_interval``, so garbage
+kids cannot make us hammer the provider: a flood of random kids costs one
+fetch per interval. A kid that the freshest key set lacks is refused (401);
+one that could not be checked (a fetch refused by that limit, or failed) is
+answered 503 with ``Retry-After``: the token may well be valid.
+
+Discovery reads the provider's OpenID configuration for ``jwks_uri`` and, when
+there, ``introspection_endpoint`` and ``token_endpoint``; where it has no
+introspection endpoint it tries the RFC 8414 authorization-server metadata.
+
+Symmetric (``oct``) keys from a key set are never used, and ``jku``/``x5u``
+in tokens are never followed (the verifier refuses them).
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -47,33 +59,76 @@ def keys_from_jwks(document: Any) -> list[VerificationKey]:
     return keys
 
 
+MAX_ABSENT_KIDS = 10_000  # kids remembered as absent from the current key set
+
+
+def _string(document: dict[str, Any], name: str) -> str | None:
+    value = document.get(name)
+    return value if isinstance(value, str) and value.startswith(("http://", "https://")) else None
+
+
 class KeySetSource:
-    """Fetches the key set, hands it to ``on_keys``, and refreshes it."""
+    """Fetches the key set, hands it to ``on_keys``, and refreshes it; with discovery, hands
+    the provider's endpoints to ``on_endpoints(introspection_endpoint, token_endpoint)``."""
 
     def __init__(
         self,
         settings: AuthSettings,
         http: httpx.AsyncClient,
         on_keys: Callable[[list[VerificationKey]], None],
+        on_endpoints: Callable[[str | None, str | None], None] | None = None,
     ) -> None:
         self._settings = settings
         self._http = http
         self._on_keys = on_keys
+        self._on_endpoints = on_endpoints
         self._jwks_url = settings.jwks_url
         self.loaded = False
         self._last_fetch = -float("inf")
         self._fetching: trio.Event | None = None
+        # Kids the current key set was found to lack, and when (Trio time).
+        self._absent: dict[str | None, float] = {}
         self.fetches = 0
+        self.refused_refetches = 0
 
     async def discover(self) -> None:
-        """Resolve ``jwks_uri`` from the issuer's OIDC discovery document."""
-        issuer = (self._settings.issuer or "").rstrip("/")
-        document = await self._get_json(f"{issuer}/.well-known/openid-configuration")
+        """Resolve ``jwks_uri`` (and the introspection and token endpoints) from the issuer's
+        OpenID configuration, falling back to RFC 8414 metadata for the endpoints."""
+        issuer = self._settings.issuer or ""
+        base = issuer.rstrip("/")
+        document = await self._get_json(f"{base}/.well-known/openid-configuration")
         if not isinstance(document, dict) or not isinstance(document.get("jwks_uri"), str):
             raise KeySetError("discovery document has no jwks_uri")
-        if document.get("issuer") != self._settings.issuer:
+        if document.get("issuer") != issuer:
             raise KeySetError("discovery document names another issuer")
         self._jwks_url = document["jwks_uri"]
+        introspection, token = (
+            _string(document, "introspection_endpoint"),
+            _string(document, "token_endpoint"),
+        )
+        if introspection is None:
+            metadata = await self._authorization_server_metadata(issuer)
+            introspection = _string(metadata, "introspection_endpoint")
+            token = token or _string(metadata, "token_endpoint")
+        if self._on_endpoints is not None:
+            self._on_endpoints(introspection, token)
+
+    async def _authorization_server_metadata(self, issuer: str) -> dict[str, Any]:
+        """RFC 8414 metadata: under the issuer (the common form), else at the origin with
+        the issuer's path appended (the RFC's form); empty when neither answers."""
+        parts = urlsplit(issuer)
+        path = parts.path.rstrip("/")
+        candidates = [f"{issuer.rstrip('/')}/.well-known/oauth-authorization-server"]
+        if path:
+            candidates.append(f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{path}")
+        for url in candidates:
+            try:
+                document = await self._get_json(url)
+            except (httpx.HTTPError, ValueError):
+                continue
+            if isinstance(document, dict) and document.get("issuer") == issuer:
+                return document
+        return {}
 
     async def refresh(self) -> bool:
         """Fetch the key set now (one fetch at a time); True when it loaded."""
@@ -89,6 +144,7 @@ class KeySetSource:
             keys = keys_from_jwks(await self._get_json(self._jwks_url))
             self.fetches += 1
             self._on_keys(keys)
+            self._absent.clear()
             self.loaded = True
             log.info("key set loaded", extra={"event": "jwks.loaded", "outcome": f"{len(keys)} keys"})
         except (KeySetError, httpx.HTTPError, ValueError, trio.TooSlowError) as exc:
@@ -98,13 +154,34 @@ class KeySetSource:
             self._fetching = None
         return self.loaded
 
-    async def on_unknown_kid(self) -> bool:
-        """Re-fetch for an unknown ``kid`` unless we fetched recently; True if re-fetched."""
-        if trio.current_time() - self._last_fetch < self._settings.jwks_min_refetch_interval:
-            return False
+    async def on_unknown_kid(self, kid: str | None) -> float | None:
+        """A token names ``kid``, which the keys in hand lack. Bring the key set up to date
+        if that may be done now; returns None when the keys in hand are the ones to judge
+        the token by (fetched just now, or already found to lack ``kid``), else the seconds
+        after which the key set can be fetched again (the token cannot be judged now)."""
+        interval = self._settings.jwks_min_refetch_interval
+        if trio.current_time() - self._absent.get(kid, -float("inf")) < interval:
+            return None
+        if self._fetching is not None:  # a fetch under way: its answer is ours too
+            await self._fetching.wait()
+            return None if self.loaded else interval
+        wait = self._last_fetch + interval - trio.current_time()
+        if wait > 0:
+            self.refused_refetches += 1
+            return wait
         with trio.move_on_after(self._settings.deadline):
-            return await self.refresh()
-        return False
+            fetches = self.fetches
+            await self.refresh()
+            if self.fetches > fetches:
+                return None
+        return interval
+
+    def confirm_absent(self, kid: str | None) -> None:
+        """The current key set was searched for ``kid`` and lacks it: refuse it (401) without
+        another fetch for ``auth.jwks_min_refetch_interval``, or until the key set is fetched."""
+        if len(self._absent) >= MAX_ABSENT_KIDS:
+            self._absent.clear()
+        self._absent[kid] = trio.current_time()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load once (retrying with a capped backoff until it works), then refresh periodically."""

@@ -92,6 +92,14 @@ class _GatewayCollector(Collector):
             yield _family(
                 "wsgate_auth_cache", "Introspection cache lookups.", "result", introspection.stats, "cache."
             )
+            yield _family(
+                "wsgate_auth_answers",
+                "What the auth service's answers meant: active, inactive, refused (the gateway's"
+                " request was refused: its configuration), unavailable (an outage).",
+                "class",
+                introspection.answers,
+                "",
+            )
         breaker = GaugeMetricFamily(
             "wsgate_breaker_state", "Auth-service breaker: 0 closed, 1 half-open, 2 open."
         )

@@ -29,6 +29,9 @@ class ServiceAnswer(enum.Enum):
     ACTIVE = "active"
     INACTIVE = "inactive"
     UNAVAILABLE = "unavailable"  # down, timed out, or the breaker is open
+    #: It answered, refusing the gateway's own request (wrong credentials or endpoint):
+    #: it said nothing about the token, so it is decided as if unavailable.
+    REFUSED = "refused"
     NOT_CALLED = "not_called"
 
 
@@ -69,6 +72,11 @@ def decide(verification: Verification, answer: ServiceAnswer, level: Level) -> D
         return Decision(Verdict.ADMIT, "active")
     if answer is ServiceAnswer.INACTIVE:
         return Decision(Verdict.REJECT_UNAUTHORIZED, "token inactive")
+    cause = (
+        "auth service refused the gateway's request"
+        if answer is ServiceAnswer.REFUSED
+        else "auth service unavailable"
+    )
     if level is Level.STRICT:
-        return Decision(Verdict.REJECT_UNAVAILABLE, "auth service unavailable")
-    return Decision(Verdict.ADMIT_DEGRADED, "auth service unavailable; admitted degraded")
+        return Decision(Verdict.REJECT_UNAVAILABLE, cause)
+    return Decision(Verdict.ADMIT_DEGRADED, f"{cause}; admitted degraded")

@@ -94,22 +94,27 @@ class Gateway:
         self.metrics = Metrics(self)
         self.connections = ConnectionServer(self)
         # BreakerSettings (validated configuration) and BreakerConfig (the pure machine's) share field names.
-        self.breaker = BreakerActor(CircuitBreaker(BreakerConfig(**attrs.asdict(settings.breaker))))
-        needs_http = bool(auth.introspection_url or auth.jwks_url or auth.discovery)
+        self.breaker = BreakerActor(
+            CircuitBreaker(BreakerConfig(**settings.breaker.for_calls(auth.call_timeout)))
+        )
+        needs_http = bool(settings.introspects or auth.jwks_url or auth.discovery)
         self.http = http or (httpx.AsyncClient(timeout=auth.deadline * 2) if needs_http else None)
         self._owns_http = http is None and self.http is not None
         introspection = key_set = None
-        if self.http is not None and auth.introspection_url:
+        if self.http is not None and settings.introspects:
             introspection = IntrospectionClient(
                 auth,
                 self.http,
                 self.breaker,
                 nursery,
                 self.clock.now,
+                rng=self._rng,
                 observe=self.metrics.auth_call_seconds.observe,
             )
         if self.http is not None and (auth.jwks_url or auth.discovery):
-            key_set = KeySetSource(auth, self.http, self.verifier.set_dynamic_keys)
+            key_set = KeySetSource(
+                auth, self.http, self.verifier.set_dynamic_keys, on_endpoints=self._discovered
+            )
         self.auth = Authenticator(
             self.verifier,
             Level(auth.policy),
@@ -118,6 +123,17 @@ class Gateway:
             key_set=key_set,
             anonymous_ttl=auth.anonymous_ttl,
         )
+
+    def _discovered(self, introspection_url: str | None, token_url: str | None) -> None:
+        """Discovery found the provider's endpoints: use them where none is set explicitly."""
+        client = self.auth.introspection
+        if client is None:
+            return
+        if client.url is None and introspection_url is not None:
+            client.url = introspection_url
+            log.info("introspection endpoint discovered", extra={"event": "discovery.introspection"})
+        if client.client_auth.token_url is None:
+            client.client_auth.token_url = token_url
 
     async def _start(self) -> None:
         await self._nursery.start(self.breaker.run)
@@ -169,6 +185,7 @@ class Gateway:
         elif answer is ServiceAnswer.ACTIVE and session.degraded:
             self.stats["recheck.restored"] += 1
             session.degraded = False
+            session.offer({"type": "session.restored", "degraded": False})
 
     async def _stop(self) -> None:
         if self._owns_http and self.http is not None:
@@ -266,6 +283,14 @@ class Gateway:
             problems.append("not listening")
         if self.auth.key_set is not None and not self.auth.key_set.loaded:
             problems.append("signing keys not loaded")
+        introspection = self.auth.introspection
+        if introspection is not None:
+            if introspection.url is None:
+                problems.append("introspection endpoint not discovered")
+            if introspection.refusal is not None:
+                problems.append(
+                    f"auth service refuses the gateway's requests: {introspection.refusal.summary}"
+                )
         return problems
 
     async def drain(self) -> None:

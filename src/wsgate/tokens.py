@@ -82,7 +82,12 @@ class TokenRejected(Unauthorized):
 
 
 class UnknownKey(TokenRejected):
-    """The token names a ``kid`` we do not have; a key-set refresh may find it."""
+    """The token names a ``kid`` we do not have (or, without a kid, uses an algorithm no
+    key of ours has); a key-set refresh may find it."""
+
+    def __init__(self, reason: str, kid: str | None = None) -> None:
+        super().__init__(reason)
+        self.kid = kid
 
 
 @attrs.frozen
@@ -347,7 +352,7 @@ class TokenVerifier:
             raise TokenRejected("malformed token")
         if alg not in self._algorithms:
             if self._dynamic_keys and alg in _ASYMMETRIC:
-                raise UnknownKey("no key for this algorithm yet")
+                raise UnknownKey("no key for this algorithm", kid=header.get("kid"))
             raise TokenRejected("algorithm not allowed")
         return alg
 
@@ -359,7 +364,7 @@ class TokenVerifier:
             if named:
                 return named
             if self._dynamic_keys and not any(k.kid is None for k in usable):
-                raise UnknownKey("unknown key id")
+                raise UnknownKey("unknown key id", kid=kid)
         return [k for k in usable if k.kid is None] or usable
 
     def _decode(self, token: str, header: Mapping[str, Any], alg: str) -> dict[str, Any]:
