@@ -2,9 +2,13 @@
 
 Use it in-process (``httpx_client()``, so ``MockClock`` drives its latency) or
 as a real HTTP server on 127.0.0.1 (``serve``, built on h11). Script it with
-``mode`` (``up``, ``down``, ``error``, ``hang``), ``latency``, a ``script`` of
+``mode`` (``up``, ``down``, ``error``, ``hang``, ``refuse``: a 401
+``invalid_client`` as for a wrong client secret), ``latency``, a ``script`` of
 modes for the next calls (flapping), and the sets of inactive tokens and
-revoked subjects.
+revoked subjects. It also issues client-credentials tokens at ``/token``
+(``require_service_token`` makes introspection accept only those), and
+advertises its introspection endpoint in its OpenID configuration or its
+RFC 8414 metadata as ``advertise`` says.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import trio
 
 from .httpserver import Request, Response, serve_http
 
-MODES = ("up", "down", "error", "hang")
+MODES = ("up", "down", "error", "hang", "refuse")
 
 
 def _claims(token: str) -> dict[str, Any]:
@@ -50,6 +54,12 @@ class FakeAuthService:
         self.cancelled = 0
         self.jwks_fetches = 0
         self.seen_authorization: list[str | None] = []
+        self.seen_forms: list[dict[str, str]] = []
+        #: Where the introspection endpoint is advertised: "openid", "rfc8414" or "nowhere".
+        self.advertise = "nowhere"
+        self.service_token_ttl = 120
+        self.service_tokens: list[str] = []
+        self.require_service_token = False
         self._call_arrived = trio.Event()
 
     async def wait_for_calls(self, count: int) -> None:
@@ -65,6 +75,10 @@ class FakeAuthService:
     @property
     def jwks_url(self) -> str:
         return f"{self.base_url}/jwks"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.base_url}/token"
 
     def httpx_client(self) -> httpx.AsyncClient:
         """An HTTP client whose requests this fake answers in-process."""
@@ -86,15 +100,35 @@ class FakeAuthService:
         if path == "/_control":
             return self._control(method, body)
         if path == "/.well-known/openid-configuration":
-            return 200, {"issuer": self.issuer, "jwks_uri": self.jwks_url}
+            document = {"issuer": self.issuer, "jwks_uri": self.jwks_url}
+            if self.advertise == "openid":
+                document |= {
+                    "introspection_endpoint": self.introspection_url,
+                    "token_endpoint": self.token_url,
+                }
+            return 200, document
+        if path == "/.well-known/oauth-authorization-server" and self.advertise == "rfc8414":
+            return 200, {
+                "issuer": self.issuer,
+                "introspection_endpoint": self.introspection_url,
+                "token_endpoint": self.token_url,
+            }
         if path == "/jwks":
             self.jwks_fetches += 1
             return 200, self.jwks
+        if path == "/token" and method == "POST":
+            form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+            if form.get("grant_type") != "client_credentials":
+                return 400, {"error": "unsupported_grant_type"}
+            token = f"service-token-{len(self.service_tokens) + 1}"
+            self.service_tokens.append(token)
+            return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.service_token_ttl}
         if path != "/introspect" or method != "POST":
             return 404, {"error": "not_found"}
         self.calls += 1
         self._call_arrived.set()
         self.seen_authorization.append(headers.get("authorization"))
+        self.seen_forms.append({k: v[0] for k, v in parse_qs(body.decode()).items()})
         mode = self.script.popleft() if self.script else self.mode
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -112,6 +146,9 @@ class FakeAuthService:
             return None
         if mode == "error":
             return 503, {"error": "unavailable"}
+        latest = f"Bearer {self.service_tokens[-1]}" if self.service_tokens else None
+        if mode == "refuse" or (self.require_service_token and headers.get("authorization") != latest):
+            return 401, {"error": "invalid_client", "error_description": "client authentication failed"}
         token = parse_qs(body.decode()).get("token", [""])[0]
         claims = _claims(token)
         if token in self.inactive_tokens or claims.get("sub") in self.revoked_subjects or not claims:
