@@ -184,12 +184,15 @@ class KeySetSource:
         self._absent[kid] = trio.current_time()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Load once (retrying with a capped backoff until it works), then refresh periodically."""
-        task_status.started()
+        """Load once before reporting started (so a gateway listens with its keys when the
+        provider answers; if it does not, within ``auth.deadline`` x 2, the gateway starts
+        not ready), retrying with a capped backoff until it works; then refresh periodically."""
         delay = 1.0
         while True:
             with trio.move_on_after(self._settings.deadline * 2):
                 await self.refresh()
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
             delay = self._settings.jwks_refresh_interval if self.loaded else min(delay * 2, 60.0)
             await trio.sleep(delay)
 
