@@ -38,6 +38,12 @@ def ed_key() -> tuple[Any, bytes]:
     return _pem(ed25519.Ed25519PrivateKey.generate())
 
 
+def data_home(cwd: Path) -> dict[str, str]:
+    """The environment giving a test server in ``cwd`` a per-user data dir of its own (its
+    dev key is there), so that no test touches the real one."""
+    return {"XDG_DATA_HOME": str(cwd / "data")}
+
+
 class Server:
     def __init__(self, proc: subprocess.Popen[str], url: str, cwd: Path, admin: str | None = None) -> None:
         self.proc = proc
@@ -45,14 +51,20 @@ class Server:
         self.cwd = cwd
         self.admin = admin
 
-    def token(self, *args: str) -> str:
+    @property
+    def dev_key(self) -> Path:
+        return self.cwd / "data" / "wsgate" / "dev.key"
+
+    def token(self, *args: str, cwd: Path | None = None) -> str:
+        """``wsgate token ARGS``, run in ``cwd`` (default: the server's directory)."""
         out = subprocess.run(
             [sys.executable, "-m", "wsgate", "token", *args],
-            cwd=self.cwd,
+            cwd=cwd or self.cwd,
             capture_output=True,
             text=True,
             check=True,
             timeout=30,
+            env={**os.environ, **data_home(self.cwd)},
         )
         return out.stdout.strip()
 
@@ -73,7 +85,7 @@ def start_server(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **data_home(cwd), **(env or {})},
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 30

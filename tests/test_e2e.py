@@ -16,6 +16,7 @@ import pytest
 import websockets
 
 from conftest import Server, start_server, stop
+from wsgate.tokens import mint_token
 
 AGENT_EVENTS = ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"]
 
@@ -36,7 +37,7 @@ async def golden_path(url: str, **connect: Any) -> tuple[str | None, dict[str, A
 
 
 def test_dev_mode_banner_key_file_and_golden_path_with_bearer_header(dev_server: Server) -> None:
-    key_file = dev_server.cwd / ".wsgate" / "dev.key"
+    key_file = dev_server.dev_key
     assert key_file.stat().st_mode & 0o777 == 0o600
     token = dev_server.token("--sub", "alice")
     protocol, ready, events = asyncio.run(
@@ -77,7 +78,14 @@ def test_bad_tokens_get_401(dev_server: Server, case: str) -> None:
             b"another-key-entirely-0123456789abcdef",
             algorithm="HS256",
         ),
-        "expired": lambda: dev_server.token("--sub", "alice", "--ttl", "-60"),
+        "expired": lambda: mint_token(
+            dev_server.dev_key.read_bytes().strip(),
+            "alice",
+            now=time.time() - 120,
+            ttl=60,
+            issuer="wsgate-dev",
+            audience="wsgate",
+        ),
         "garbage": lambda: "not.a.token",
     }
     token = tokens[case]()

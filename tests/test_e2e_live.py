@@ -19,7 +19,7 @@ from wsgate.tokens import mint_token
 class DevServer:
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.secret = (server.cwd / ".wsgate" / "dev.key").read_bytes().strip()
+        self.secret = server.dev_key.read_bytes().strip()
 
     def token(self, sub: str, ttl: float) -> str:
         return mint_token(self.secret, sub, now=time.time(), ttl=ttl, issuer="wsgate-dev", audience="wsgate")

@@ -33,7 +33,7 @@ def test_health_metrics_and_logs_without_tokens(tmp_path: Path) -> None:
         "json",
         env={"WSGATE_ADMIN__API_KEY": "operate-test-api-key"},
     )
-    secret = (tmp_path / ".wsgate" / "dev.key").read_bytes().strip()
+    secret = server.dev_key.read_bytes().strip()
     good = mint_token(secret, "alice", now=time.time(), ttl=60, issuer="wsgate-dev", audience="wsgate")
     bad = mint_token(b"x" * 40, "alice", now=time.time(), ttl=60, issuer="wsgate-dev", audience="wsgate")
     try:

@@ -23,7 +23,7 @@ API_KEY = "an-admin-api-key-for-tests"
 class Gateway:
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.secret = (server.cwd / ".wsgate" / "dev.key").read_bytes().strip()
+        self.secret = server.dev_key.read_bytes().strip()
 
     def headers(self, sub: str) -> dict[str, str]:
         token = mint_token(self.secret, sub, now=time.time(), ttl=300, issuer="wsgate-dev", audience="wsgate")
@@ -129,7 +129,7 @@ def test_sigterm_drains_with_1001_and_exits_0(tmp_path: Path) -> None:
         tmp_path,
         env={"WSGATE_AGENT__STEP_DELAY": "0.5", "WSGATE_SERVER__DRAIN_TIMEOUT": "10"},
     )
-    secret = (tmp_path / ".wsgate" / "dev.key").read_bytes().strip()
+    secret = server.dev_key.read_bytes().strip()
     token = mint_token(secret, "dave", now=time.time(), ttl=300, issuer="wsgate-dev", audience="wsgate")
 
     async def scenario() -> tuple[list[str], int | None, str]:

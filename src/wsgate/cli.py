@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -17,8 +18,8 @@ import trio
 
 from . import __version__
 from .config import Settings, effective, load_settings
-from .devkey import load_dev_secret
-from .errors import ConfigError
+from .devkey import dev_key_path, load_dev_secret
+from .errors import ConfigError, StartupError
 from .log import configure_logging
 from .server import Gateway, serve
 from .tokens import mint_token
@@ -53,18 +54,35 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--jwks-url", help="JWKS URL to take verification keys from")
     s.add_argument("--admin-port", type=int, help="port of the admin listener (needs admin.api_key)")
     s.add_argument("--log-format", choices=["text", "json"], help="log format (default text)")
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="lowest level logged (default info)",
+    )
 
-    t = sub.add_parser("token", help="mint a token signed with the dev key")
+    t = sub.add_parser("token", help="mint a token signed with the dev key (or auth.hmac_secret)")
     common(t)
     t.add_argument("--sub", required=True, help="subject (user id)")
-    t.add_argument("--ttl", type=float, default=900.0, help="lifetime in seconds (default 900)")
+    t.add_argument(
+        "--ttl", type=_positive, default=900.0, help="lifetime in seconds, more than 0 (default 900)"
+    )
     t.add_argument("--scope", action="append", default=[], help="a scope; repeat for more")
     t.add_argument("--tenant", help="tenant claim")
+    t.add_argument("--jti", help="token id, for revoking it by jti (default: a random one)")
 
     c = sub.add_parser("check-config", help="validate the configuration and print it")
     common(c)
     return parser
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
 
 
 def _settings(args: argparse.Namespace, overrides: dict[str, Any]) -> Settings:
@@ -116,9 +134,29 @@ def _serve(args: argparse.Namespace) -> int:
     )
     configure_logging(settings.log.level, settings.log.format)
     tune_gc(settings.server.gc_threshold)
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(_run_server, settings)
-    return 0
+    failures: list[str] = []
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(_run_server, settings)
+    except* StartupError as group:
+        failures += [f"wsgate: {error}" for error in _leaves(group)]
+    except* ConfigError as group:
+        failures += [
+            f"wsgate: config: {problem}"
+            for error in _leaves(group)
+            if isinstance(error, ConfigError)
+            for problem in error.problems
+        ]
+    for failure in failures:
+        print(failure, file=sys.stderr)
+    return 2 if failures else 0
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for error in group.exceptions:
+        out.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return out
 
 
 async def _run_server(settings: Settings) -> None:
@@ -146,26 +184,25 @@ async def _second_signal_stops(signals: AsyncIterator[int], scope: trio.CancelSc
 def _print_banner(gateway: Gateway) -> None:
     settings = gateway.settings
     url = gateway.public_url()
-    lines = []
+    lines = [f"wsgate listening on {url}"]
+    if gateway.admin_port is not None:
+        admin = f"http://{settings.admin.host}:{gateway.admin_port}"
+        lines.append(f"admin listener on {admin} (demo page: {admin}/demo)")
     if gateway.dev_secret is not None:
         token = gateway.mint_dev_token("alice", ttl=3600)
-        lines += [
+        lines = [
             BANNER,
-            "  DEV MODE: tokens are signed with a local dev key "
-            f"({settings.dev.key_file}). Not for production.",
+            f"  DEV MODE: tokens are signed with the dev key at {gateway.dev_key_path}",
+            "  (wsgate token uses the same one, from any directory). Not for production.",
             BANNER,
-            f"wsgate listening on {url}",
+            *lines,
             "token for 'alice' (1 hour; more with: wsgate token --sub NAME):",
             token,
             "connect, e.g.:",
-            f"  websocat -H 'Authorization: Bearer {token}' {url}",
+            f"  npx wscat -c {url} -H 'Authorization: Bearer {token}'",
+            "  or the Python client in the README",
             'then send: {"type":"user_message","text":"hi"}',
         ]
-    else:
-        lines.append(f"wsgate listening on {url}")
-    if gateway.admin_port is not None:
-        where = next(i for i, line in enumerate(lines) if line.startswith("wsgate listening on"))
-        lines.insert(where + 1, f"admin listener on http://{settings.admin.host}:{gateway.admin_port}")
     print("\n".join(lines), flush=True)
 
 
@@ -174,7 +211,15 @@ def _token(args: argparse.Namespace) -> int:
     issuer: str | None
     audience: str | None
     if settings.dev_mode:
-        secret = load_dev_secret(settings.dev.key_file)
+        path = dev_key_path(settings.dev.key_file)
+        created = not path.exists()
+        secret = load_dev_secret(path)
+        if created:
+            print(
+                f"wsgate: token: no dev key was at {path}; made a new one. A dev server already"
+                " running signs with another key and refuses this token: restart it.",
+                file=sys.stderr,
+            )
         issuer, audience = (
             settings.auth.issuer or settings.dev.issuer,
             settings.auth.audience or settings.dev.audience,
@@ -195,6 +240,7 @@ def _token(args: argparse.Namespace) -> int:
             issuer=issuer,
             audience=audience,
             scopes=args.scope,
+            jti=args.jti or secrets.token_hex(8),
             **claims,
         )
     )

@@ -183,7 +183,8 @@ class DevSettings:
     """Dev mode: on when asked for, or when no key is configured outside production."""
 
     enabled: bool | None = None
-    key_file: str = ".wsgate/dev.key"
+    #: None: the per-user default (``$XDG_DATA_HOME/wsgate/dev.key``), whatever the working directory.
+    key_file: str | None = None
     issuer: str = "wsgate-dev"
     audience: str = "wsgate"
 

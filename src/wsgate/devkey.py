@@ -1,10 +1,25 @@
-"""The dev-mode HMAC key: generated once, kept in a file only its owner can read."""
+"""The dev-mode HMAC key: generated once, kept in a file only its owner can read.
+
+Its place does not depend on where a command runs: ``dev.key_file`` when set, else
+``$XDG_DATA_HOME/wsgate/dev.key`` (``~/.local/share/wsgate/dev.key``), so that
+``wsgate token`` run anywhere signs with the key ``wsgate serve`` uses.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
+
+
+def dev_key_path(key_file: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """Where the dev key is: ``key_file``, or the per-user default."""
+    if key_file:
+        return Path(key_file).expanduser()
+    env = os.environ if env is None else env
+    data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "wsgate" / "dev.key"
 
 
 def load_dev_secret(path: str | os.PathLike[str]) -> bytes:

@@ -16,6 +16,8 @@ class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
+    #: Never sent: the connection dropped without a close frame (logged and counted as such).
+    ABNORMAL_CLOSURE = 1006
     INVALID_PAYLOAD = 1007
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
@@ -85,3 +87,17 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class StartupError(Exception):
+    """The gateway cannot start; ``message`` names the cause and the setting, in one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def bind_error(exc: OSError, settings: str, host: str, port: int) -> StartupError:
+    """A bind failure as one line: ``server.port: cannot listen on 127.0.0.1:8765: address in use``."""
+    cause = (exc.strerror or str(exc)).lower()
+    return StartupError(f"{settings}: cannot listen on {host}:{port}: {cause}")

@@ -90,6 +90,8 @@ class KeySetSource:
         self._absent: dict[str | None, float] = {}
         self.fetches = 0
         self.refused_refetches = 0
+        #: Why the last fetch failed (None once one worked), for the start-up report.
+        self.last_error: str | None = None
 
     async def discover(self) -> None:
         """Resolve ``jwks_uri`` (and the introspection and token endpoints) from the issuer's
@@ -130,8 +132,9 @@ class KeySetSource:
                 return document
         return {}
 
-    async def refresh(self) -> bool:
-        """Fetch the key set now (one fetch at a time); True when it loaded."""
+    async def refresh(self, *, quiet: bool = False) -> bool:
+        """Fetch the key set now (one fetch at a time); True when it loaded. ``quiet``: do not
+        log a failure (the caller reports :attr:`last_error` itself)."""
         if self._fetching is not None:
             await self._fetching.wait()
             return self.loaded
@@ -146,9 +149,15 @@ class KeySetSource:
             self._on_keys(keys)
             self._absent.clear()
             self.loaded = True
+            self.last_error = None
             log.info("key set loaded", extra={"event": "jwks.loaded", "outcome": f"{len(keys)} keys"})
         except (KeySetError, httpx.HTTPError, ValueError, trio.TooSlowError) as exc:
-            log.warning("key set fetch failed: %s", type(exc).__name__, extra={"event": "jwks.failed"})
+            if isinstance(exc, trio.TooSlowError):
+                self.last_error = f"no answer within auth.call_timeout, {self._settings.call_timeout:g} s"
+            else:
+                self.last_error = str(exc) if isinstance(exc, KeySetError) else type(exc).__name__
+            if not quiet:
+                log.warning("key set fetch failed: %s", self.last_error, extra={"event": "jwks.failed"})
         finally:
             self._fetching.set()
             self._fetching = None
@@ -188,9 +197,13 @@ class KeySetSource:
         provider answers; if it does not, within ``auth.deadline`` x 2, the gateway starts
         not ready), retrying with a capped backoff until it works; then refresh periodically."""
         delay = 1.0
+        first = True
         while True:
-            with trio.move_on_after(self._settings.deadline * 2):
-                await self.refresh()
+            with trio.move_on_after(self._settings.deadline * 2) as waited:
+                await self.refresh(quiet=first)
+            if waited.cancelled_caught:
+                self.last_error = "timed out"
+            first = False
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED
             delay = self._settings.jwks_refresh_interval if self.loaded else min(delay * 2, 60.0)

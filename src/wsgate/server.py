@@ -27,8 +27,8 @@ from .breaker_actor import BreakerActor
 from .clock import WallClock
 from .config import Settings
 from .connection import ConnectionServer
-from .devkey import load_dev_secret
-from .errors import CloseCode, GatewayError
+from .devkey import dev_key_path, load_dev_secret
+from .errors import CloseCode, GatewayError, StartupError, bind_error
 from .handshake import Admission
 from .httpserver import serve_http
 from .introspection import IntrospectionClient
@@ -62,7 +62,9 @@ class Gateway:
         self.settings = settings
         self._nursery = nursery
         self.clock = clock or WallClock()
-        self.dev_secret = load_dev_secret(settings.dev.key_file) if settings.dev_mode else None
+        #: Where the dev key is (dev mode only).
+        self.dev_key_path = dev_key_path(settings.dev.key_file) if settings.dev_mode else None
+        self.dev_secret = load_dev_secret(self.dev_key_path) if self.dev_key_path is not None else None
         auth = settings.auth
         if settings.dev_mode:
             auth = attrs.evolve(
@@ -140,9 +142,21 @@ class Gateway:
         admin = self.settings.admin
         if admin.port is not None:
             app = AdminApp(self, admin.api_key)
-            self.admin_port = await self._nursery.start(serve_http, app.handle, admin.host, admin.port)
-        if self.auth.key_set is not None:
-            await self._nursery.start(self.auth.key_set.run)
+            try:
+                self.admin_port = await self._nursery.start(serve_http, app.handle, admin.host, admin.port)
+            except OSError as exc:
+                raise bind_error(exc, "admin.host, admin.port", admin.host, admin.port) from None
+        key_set = self.auth.key_set
+        if key_set is not None:
+            await self._nursery.start(key_set.run)
+            if not key_set.loaded:
+                where = "auth.discovery" if self.settings.auth.discovery else "auth.jwks_url"
+                cause = f"the signing keys could not be fetched ({key_set.last_error})"
+                if self.settings.environment == "production" and self.auth.level is Level.STRICT:
+                    raise StartupError(f"{where}: {cause}; refused to start (strict, in production)")
+                log.warning(
+                    "%s: %s; starting not ready, retrying", where, cause, extra={"event": "jwks.failed"}
+                )
         if self.auth.introspection is not None:
             self._nursery.start_soon(self._revalidate_degraded)
 
@@ -199,7 +213,10 @@ class Gateway:
     ) -> None:
         """Listen on the configured host and port until cancelled."""
         server = self.settings.server
-        listeners = await trio.open_tcp_listeners(server.port, host=server.host)
+        try:
+            listeners = await trio.open_tcp_listeners(server.port, host=server.host)
+        except OSError as exc:
+            raise bind_error(exc, "server.host, server.port", server.host, server.port) from None
         self.addresses = [listener.socket.getsockname()[:2] for listener in listeners]
         await trio.serve_listeners(
             self.connections.handle_stream, listeners, handler_nursery=self._nursery, task_status=task_status
@@ -336,7 +353,7 @@ class Gateway:
     # -- admission ----------------------------------------------------------
 
     def mint_dev_token(self, subject: str, ttl: float = 900.0, scopes: tuple[str, ...] = ()) -> str:
-        """A token the running dev-mode gateway accepts."""
+        """A token the running dev-mode gateway accepts (with a random ``jti``)."""
         if self.dev_secret is None:
             raise RuntimeError("dev tokens exist only in dev mode")
         return mint_token(
@@ -347,6 +364,7 @@ class Gateway:
             issuer=self.settings.dev.issuer,
             audience=self.settings.dev.audience,
             scopes=scopes,
+            jti=secrets.token_hex(8),
         )
 
 

@@ -299,8 +299,8 @@ class Session:
         with trio.CancelScope(shield=True, deadline=bound) as scope:
             try:
                 await send_texts(self.ws, frames)
-            except ConnectionClosed:
-                self._client_left()
+            except ConnectionClosed as closed:
+                self._client_left(closed)
                 return False
         if scope.cancelled_caught:
             self._stream_stuck = True
@@ -315,8 +315,8 @@ class Session:
         with trio.move_on_after(self._settings.heartbeat_timeout) as waited:
             try:
                 await self.ws.ping()
-            except ConnectionClosed:
-                self._client_left()
+            except ConnectionClosed as closed:
+                self._client_left(closed)
                 return
         if waited.cancelled_caught:
             self._stream_stuck = True  # nothing more can usefully be written
@@ -337,8 +337,8 @@ class Session:
                         return
                 else:
                     raw = await self.ws.get_message()
-            except ConnectionClosed:
-                self._client_left(cancel=False)  # the reader returns: _wind_down does the rest
+            except ConnectionClosed as closed:
+                self._client_left(closed, cancel=False)  # the reader returns: _wind_down does the rest
                 return
             if not self._message_rate.take(trio.current_time()):
                 self._decide(CloseCode.RATE_LIMITED, "message rate exceeded")
@@ -532,13 +532,20 @@ class Session:
         if self._draining and not self._runs:
             self._close_drained()
 
-    def _client_left(self, *, cancel: bool = True) -> None:
-        """The client closed, or its stream broke: 1000, and nothing more to flush."""
+    def _client_left(self, closed: ConnectionClosed, *, cancel: bool = True) -> None:
+        """The client closed (1000), or its connection dropped without a close frame (1006,
+        nothing sent): nothing more to flush either way."""
         self._client_gone = True
+        dropped = closed.reason is not None and closed.reason.code == CloseCode.ABNORMAL_CLOSURE
+        code, reason = (
+            (CloseCode.ABNORMAL_CLOSURE, "connection dropped (no close frame)")
+            if dropped
+            else (CloseCode.NORMAL, "client closed")
+        )
         if cancel:
-            self.close(CloseCode.NORMAL, "client closed")
+            self.close(code, reason)
         else:
-            self._decide(CloseCode.NORMAL, "client closed")
+            self._decide(code, reason)
 
     async def _finish(self) -> None:
         """Flush what is queued, then close the socket with the recorded code."""

@@ -29,8 +29,10 @@ only module that touches them; ``tests/test_wsconn.py`` fails when one moves):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import cast
 
 import trio
@@ -40,6 +42,9 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Event, Pong, TextMessage
 from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
+from wsproto.utilities import RemoteProtocolError
+
+log = logging.getLogger("wsgate.server")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,38 @@ class _Batch(Event):
     """Several text messages to be framed together and written at once."""
 
     messages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _PlainResponse(Event):
+    """An HTTP response written as it is (to a request that is not a WebSocket upgrade)."""
+
+    data: bytes
+
+
+def _not_an_upgrade(detail: str) -> _PlainResponse:
+    body = (
+        "this is a WebSocket endpoint: connect with a WebSocket client"
+        f" (the request is not a WebSocket upgrade: {detail})\n"
+    ).encode()
+    head = (
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return _PlainResponse(head.encode() + body)
+
+
+def _with_reason_phrase(data: bytes) -> bytes:
+    """``HTTP/1.1 401 \\r\\n`` (wsproto writes no reason phrase) as ``HTTP/1.1 401 Unauthorized``."""
+    line_end = data.find(b"\r\n")
+    line = data[:line_end]
+    if line_end < 0 or not line.startswith(b"HTTP/1.1 ") or not line.endswith(b" "):
+        return data
+    try:
+        phrase = HTTPStatus(int(line[9:12])).phrase
+    except ValueError:
+        return data
+    return line + phrase.encode() + data[line_end:]
 
 
 class _DeclaredSizeLimit(Extension):
@@ -92,10 +129,29 @@ class _AnsweringWSConnection(WSConnection):
             return b"".join(
                 super(_AnsweringWSConnection, self).send(TextMessage(data=m)) for m in event.messages
             )
+        if isinstance(event, _PlainResponse):
+            return event.data
         data = super().send(event)
-        if not self.client and not self._upgraded and self.connection is not None:
-            self._drop_handshake()  # a server's upgrade is sent; its one event, the Request, is out
+        if not self.client and not self._upgraded:
+            if self.connection is not None:
+                self._drop_handshake()  # a server's upgrade is sent; its one event, the Request, is out
+            else:
+                data = _with_reason_phrase(data)
         return data
+
+    def receive_data(self, data: bytes | None) -> None:
+        try:
+            super().receive_data(data)
+        except RemoteProtocolError as error:
+            if self.client or self._upgraded:
+                raise
+            # Not a WebSocket upgrade (a browser or curl asking for the page): say so.
+            log.info(
+                "handshake refused: not a WebSocket upgrade",
+                extra={"event": "handshake.refused", "status": 400, "reason": str(error)},
+            )
+            error.event_hint = _not_an_upgrade(str(error))
+            raise
 
     def _drop_handshake(self) -> None:
         """Let go of the opening handshake once it is over (see :meth:`_events`), and
