@@ -1,5 +1,7 @@
 """Run the Autobahn TestSuite cases (sections 1-10, through kosoku) against
-``wsgate serve --app echo --demo`` and write the summary to docs/conformance.md.
+``wsgate serve --app echo --demo`` and write the report to build/conformance/report.md
+(an ignored folder: case behaviors move from run to run; docs/conformance.md holds
+what is stable).
 
 Exits non-zero when any case fails. Limits that are policy, not protocol
 (message size, fragments per message, message and handshake rates) are raised
@@ -110,7 +112,10 @@ def write_summary(results: dict[str, tuple[str, str]], behaviors: Counter[str], 
         "|---|---|---|",
     ]
     lines += [f"| {case} | {results[case][0]} | {results[case][1]} |" for case in sorted(results, key=key)]
-    (ROOT / "docs" / "conformance.md").write_text("\n".join(lines) + "\n")
+    report = ROOT / "build" / "conformance" / "report.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines) + "\n")
+    print(f"conformance: report in {report.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import gc
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import wsgate
 from wsgate.cli import tune_gc
-from wsgate.config import effective, load_settings
+from wsgate.config import Settings, effective, example_toml, load_settings, setting_names
 from wsgate.errors import ConfigError
 
 SECRET = "a-secret-that-is-long-enough-for-hs256!"
@@ -43,7 +47,10 @@ def test_configured_key_turns_dev_mode_off() -> None:
     [
         ({"WSGATE_SERVER__PORT": "70000"}, "server.port: must be between 0 and 65535 (got '70000')"),
         ({"WSGATE_SERVER__PORT": "eighty"}, "server.port: must be an integer (got 'eighty')"),
-        ({"WSGATE_SERVER__PROT": "1"}, "server.prot: unknown setting"),
+        (
+            {"WSGATE_SERVER__PROT": "1"},
+            "WSGATE_SERVER__PROT: unknown setting (did you mean WSGATE_SERVER__PORT?)",
+        ),
         ({"WSGATE_SERVER__HANDSHAKE_TIMEOUT": "0"}, "server.handshake_timeout: must be greater than 0"),
         ({"WSGATE_AUTH__HEADER": "maybe"}, "auth.header: must be true or false"),
         ({"WSGATE_AUTH__LEEWAY": "-1"}, "auth.leeway: must be between 0 and 300"),
@@ -101,3 +108,91 @@ def test_tune_gc_sets_the_young_threshold_and_zero_leaves_it_alone() -> None:
     finally:
         gc.set_threshold(*before)
     assert load_settings(None, env={}).server.gc_threshold == 10_000
+
+
+def test_check_config_prints_toml_that_reads_back_to_the_same_settings(tmp_path: Path) -> None:
+    config = tmp_path / "in.toml"
+    config.write_text(
+        '[server]\nport = 9000\nhandshake_timeout = 3.5\n[auth]\nhmac_secret = "' + "s" * 40 + '"\n'
+        'issuer = "https://id.example.com/"\nallowed_origins = ["https://a.example", "https://b.example"]\n'
+        '[[auth.keys]]\nkind = "public"\npem = "PEM"\nalgorithms = ["RS256"]\nkid = "k1"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "wsgate", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    assert "()" not in out and "None" not in out  # no Python reprs
+    assert '# hmac_secret = "***"' in out and "s" * 40 not in out  # masked, and left out
+    printed = tmp_path / "out.toml"
+    printed.write_text(out)
+    # Read back: the same settings, the masked secret given again (it is never printed).
+    again = load_settings(printed, env={}, overrides={"auth.hmac_secret": "s" * 40})
+    assert again == load_settings(config, env={})
+
+
+def test_an_unknown_environment_variable_is_named_with_the_nearest_setting() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, env={"WSGATE_SERVR__PORT": "1", "WSGATE_AUTH__POLCY": "strict"})
+    assert caught.value.problems == [
+        "WSGATE_SERVR__PORT: unknown setting (did you mean WSGATE_SERVER__PORT?)",
+        "WSGATE_AUTH__POLCY: unknown setting (did you mean WSGATE_AUTH__POLICY?)",
+    ]
+
+
+def test_an_unknown_file_setting_suggests_the_nearest(tmp_path: Path) -> None:
+    config = tmp_path / "wsgate.toml"
+    config.write_text("[server]\nprot = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, env={})
+    assert caught.value.problems == ["server.prot: unknown setting (did you mean server.port?)"]
+
+
+EXAMPLE = Path(wsgate.__file__).with_name("wsgate.example.toml")
+
+
+def test_the_shipped_example_has_every_setting_and_its_default() -> None:
+    text = EXAMPLE.read_text()
+    assert text == example_toml(), "regenerate: python -c 'from wsgate.config import example_toml; ...'"
+    for name in setting_names(Settings):
+        assert f"# {name.rsplit('.', 1)[-1]} =" in text, name
+    assert load_settings(EXAMPLE, env={}) == Settings()  # all commented: the defaults
+
+
+def test_every_default_in_the_example_is_the_default(tmp_path: Path) -> None:
+    uncommented = tmp_path / "all.toml"
+    uncommented.write_text(
+        "\n".join(
+            line[2:] if line.startswith("# ") and " = " in line and "(not set)" not in line else line
+            for line in EXAMPLE.read_text().splitlines()
+        )
+    )
+    assert load_settings(uncommented, env={}) == Settings()
+
+
+def test_wsgate_check_config_accepts_the_shipped_example() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wsgate", "check-config", "--config", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_systemd_unit_in_operations_md_verifies(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    unit = text.split("```ini\n", 1)[1].split("```", 1)[0]
+    # The unit names /opt/wsgate/.venv/bin/wsgate: verify it against an executable there.
+    unit = unit.replace("/opt/wsgate/.venv/bin/wsgate", sys.executable + " -m wsgate")
+    unit = unit.replace("User=wsgate", "User=root").replace("EnvironmentFile=", "EnvironmentFile=-")
+    path = tmp_path / "wsgate.service"
+    path.write_text(unit)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60
+    )
+    problems = [line for line in result.stderr.splitlines() if "wsgate.service" in line]
+    assert result.returncode == 0 and not problems, result.stderr

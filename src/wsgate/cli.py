@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from . import __version__
-from .config import Settings, effective, load_settings
+from .config import Settings, load_settings, to_toml
 from .devkey import dev_key_path, load_dev_secret
 from .errors import ConfigError, StartupError
 from .log import configure_logging
@@ -248,8 +248,9 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """Print the effective settings as TOML that ``--config`` reads back (secrets masked)."""
     settings = _settings(args, {})
-    for name, value in effective(settings):
-        print(f"{name} = {value}")
-    print(f"# dev mode: {'on' if settings.dev_mode else 'off'}")
+    mode = "on" if settings.dev_mode else "off"
+    print(f"# wsgate {__version__}: the effective configuration; dev mode {mode}")
+    print(to_toml(settings), end="")
     return 0

@@ -7,6 +7,8 @@ a message that names the setting (``server.port: must be between 0 and 65535``).
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import tomllib
 import types
@@ -329,8 +331,14 @@ def load_settings(
                 _merge(layered, tomllib.load(f))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError([f"--config: cannot read {config_file}: {exc}"]) from None
+    known = {env_name(dotted): dotted for dotted in setting_names(Settings)}
     for name, value in (os.environ if env is None else env).items():
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            if name not in known and not name.startswith(f"{ENV_PREFIX}AUTH__KEYS"):
+                nearest = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+                problems.append(f"{name}: unknown setting{hint}")
+                continue
             path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
             _merge(layered, _nest(path, value))
     for dotted, value in (overrides or {}).items():
@@ -371,7 +379,9 @@ def _build(cls: type[Any], data: Any, prefix: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {a.name: a for a in attrs.fields(cls)}
     for unknown in sorted(set(data) - set(fields)):
-        problems.append(f"{prefix}{unknown}: unknown setting")
+        nearest = difflib.get_close_matches(str(unknown), fields, n=1)
+        hint = f" (did you mean {prefix}{nearest[0]}?)" if nearest else ""
+        problems.append(f"{prefix}{unknown}: unknown setting{hint}")
     kwargs: dict[str, Any] = {}
     before = len(problems)
     for name, attribute in fields.items():
@@ -449,6 +459,87 @@ def _coerce(value: Any, hint: Any, name: str, problems: list[str]) -> Any:
             raise TypeError("must be a string")
         return value
     raise TypeError(f"unsupported setting type {hint!r}")
+
+
+def setting_names(cls: type[Any], prefix: str = "") -> list[str]:
+    """Every setting's dotted name (``server.port``); a list of tables counts as one."""
+    names: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for attribute in attrs.fields(cls):
+        hint = hints[attribute.name]
+        if attrs.has(hint):
+            names += setting_names(hint, f"{prefix}{attribute.name}.")
+        else:
+            names.append(prefix + attribute.name)
+    return names
+
+
+def env_name(dotted: str) -> str:
+    """The environment variable of a setting: ``server.port`` -> ``WSGATE_SERVER__PORT``."""
+    return ENV_PREFIX + dotted.replace(".", "__").upper()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def to_toml(settings: Any, *, commented: bool = False) -> str:
+    """The settings as a TOML file ``--config`` reads back to the same settings.
+
+    Unset values and secrets are written as comments (secrets masked). ``commented``:
+    every value line is a comment (a sample file showing the defaults).
+    """
+    out: list[str] = []
+    mark = "# " if commented else ""
+
+    def table(obj: Any, header: str | None) -> None:
+        tables: list[tuple[str, Any]] = []
+        lines: list[str] = []
+        for attribute in attrs.fields(type(obj)):
+            value = getattr(obj, attribute.name)
+            if attrs.has(type(value)):
+                tables.append((attribute.name, value))
+            elif isinstance(value, tuple) and value and attrs.has(type(value[0])):
+                tables += [(f"[{attribute.name}]", item) for item in value]
+            elif attribute.metadata.get("secret") and value is not None:
+                lines.append(f'# {attribute.name} = "***"  (set; masked)')
+            elif value is None:
+                lines.append(f"# {attribute.name} =  (not set)")
+            else:
+                lines.append(f"{mark}{attribute.name} = {_toml_value(value)}")
+        if header is not None:
+            out.append("")
+            out.append(header)
+        out.extend(lines)
+        for name, value in tables:
+            if name.startswith("["):  # an array of tables: [[auth.keys]]
+                table(value, f"[[{(header or '[').strip('[]')}.{name.strip('[]')}]]")
+            else:
+                table(value, f"[{((header or '').strip('[]') + '.' if header else '')}{name}]")
+
+    table(settings, None)
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+EXAMPLE_HEADER = """\
+# wsgate.example.toml: every setting wsgate has, with its default, commented out.
+# Uncomment what you change; docs/configuration.md says what each one does, and
+# each is also an environment variable (server.port: WSGATE_SERVER__PORT).
+# Check a file with: wsgate check-config --config wsgate.toml
+"""
+
+
+def example_toml() -> str:
+    """The text of the shipped ``wsgate.example.toml`` (a test holds the file to it)."""
+    return EXAMPLE_HEADER + "\n" + to_toml(Settings(), commented=True)
 
 
 def effective(settings: Any, prefix: str = "") -> list[tuple[str, str]]:
