@@ -10,6 +10,8 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,101 @@ async def drive(devtools: str, page_url: str) -> tuple[list[str], bytes]:
                 types = json.loads(evaluated.get("result", {}).get("value") or "[]")
         shot = await call("Page.captureScreenshot", format="png")
         return types, base64.b64decode(shot["data"])
+
+
+WAIT_FOR_LOG = """new Promise((resolve) => {
+  const log = document.getElementById("log");
+  const check = () => {
+    const lines = [...log.querySelectorAll("li")].map((li) => li.textContent);
+    if (lines.some((line) => line.includes(%s))) { resolve(JSON.stringify(lines)); return true; }
+    return false;
+  };
+  if (!check()) new MutationObserver((_, observer) => check() && observer.disconnect())
+    .observe(log, { childList: true });
+})"""
+
+
+class Page:
+    """One Chromium page, driven over the DevTools protocol."""
+
+    def __init__(self, cdp: Any) -> None:
+        self._cdp = cdp
+        self._ids = itertools.count(1)
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        number = next(self._ids)
+        await self._cdp.send(json.dumps({"id": number, "method": method, "params": params}))
+        while True:
+            reply = json.loads(await self._cdp.recv())
+            if reply.get("id") == number:
+                result: dict[str, Any] = reply.get("result", {})
+                return result
+
+    async def evaluate(self, expression: str) -> Any:
+        """The value of ``expression``; a promise is awaited in the page."""
+        evaluated = await self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        return evaluated.get("result", {}).get("value")
+
+    async def wait_for_log(self, fragment: str) -> list[str]:
+        """The page's log lines once one holds ``fragment`` (the page says when: no polling)."""
+        async with asyncio.timeout(30):
+            lines: list[str] = json.loads(await self.evaluate(WAIT_FOR_LOG % json.dumps(fragment)))
+        return lines
+
+
+@asynccontextmanager
+async def open_page(devtools: str, url: str) -> AsyncIterator[Page]:
+    async with httpx.AsyncClient() as http:
+        targets = (await http.get(f"http://{devtools}/json/list")).json()
+    target = next(t for t in targets if t["type"] == "page")
+    async with websockets.connect(target["webSocketDebuggerUrl"], max_size=2**26) as cdp:
+        page = Page(cdp)
+        await page.call("Page.enable")
+        await page.call("Page.navigate", url=url)
+        async with asyncio.timeout(30):
+            while (await cdp_event(cdp))["method"] != "Page.loadEventFired":
+                pass
+            await page.evaluate("window.ready")  # the page's own set-up, done
+        yield page
+
+
+async def cdp_event(cdp: Any) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await cdp.recv())
+    return message if "method" in message else {"method": ""}
+
+
+def test_demo_refresh_keeps_the_pasted_tokens_subject_and_a_refusal_says_why(tmp_path: Path) -> None:
+    server = start_server(
+        tmp_path, "--admin-port", "0", env={"WSGATE_ADMIN__API_KEY": "demo-page-test-api-key"}
+    )
+    chromium, devtools = start_chromium(tmp_path / "profile")
+    pasted = server.token("--sub", "carol", "--tenant", "acme")
+    try:
+
+        async def scenario() -> tuple[list[str], list[str]]:
+            async with open_page(devtools, f"{server.admin}/demo") as page:
+                await page.evaluate(f"document.getElementById('token').value = {json.dumps(pasted)}")
+                await page.evaluate("document.getElementById('connect').click()")
+                await page.wait_for_log("session.ready")
+                await page.evaluate("document.getElementById('refresh').click()")
+                refreshed = await page.wait_for_log("auth.refreshed")
+                await page.evaluate("document.getElementById('close').click()")
+                await page.wait_for_log("closed 1000")
+                await page.evaluate("document.getElementById('token').value = 'not-a-token'")
+                await page.evaluate("document.getElementById('connect').click()")
+                refused = await page.wait_for_log("refused:")
+                return refreshed, refused
+
+        refreshed, refused = asyncio.run(scenario())
+    finally:
+        chromium.kill()
+        chromium.wait(10)
+        stop(server)
+    assert not any("4403" in line for line in refreshed)  # the same subject and tenant: refreshed
+    assert "closed 1006 " in refused  # all a browser is told about a refused handshake
+    assert "refused: 401 malformed token" in refused  # what /auth/check tells it
 
 
 def test_demo_page_shows_the_five_events(tmp_path: Path) -> None:

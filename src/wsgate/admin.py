@@ -1,8 +1,10 @@
 """The admin listener: server push, revocation and health, for operators and backends.
 
-Bound to 127.0.0.1 by default. ``/healthz``, ``/readyz``, ``/metrics`` and the
-``/demo`` page are open (``/demo/token`` mints dev tokens in dev mode only);
-``/publish`` and ``/revoke`` need ``Authorization: Bearer <admin.api_key>``.
+Bound to 127.0.0.1 by default. ``/healthz``, ``/readyz``, ``/metrics``,
+``/auth/check`` (why a token would be refused: what a browser cannot learn
+from a refused handshake) and the ``/demo`` page are open (``/demo/token``
+mints dev tokens in dev mode only); ``/publish`` and ``/revoke`` need
+``Authorization: Bearer <admin.api_key>``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ class AdminApp:
         if path == "/demo/token" and request.method == "POST":
             if self._gateway.dev_secret is None:
                 return _json(404, {"error": "dev tokens exist only in dev mode"})
-            return _json(200, {"token": self._gateway.mint_dev_token("demo-user", ttl=300)})
+            return self._demo_token(request)
+        if path == "/auth/check" and request.method == "POST":
+            return await self._check(request)
         if path == "/metrics" and request.method == "GET":
             return Response(200, self._gateway.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
         if path not in ("/publish", "/revoke"):
@@ -70,6 +74,28 @@ class AdminApp:
             return _json(400, {"error": str(exc)})
         except RecursionError:
             return _json(400, {"error": "JSON nested too deeply"})
+
+    def _demo_token(self, request: Request) -> Response:
+        """A dev token for ``{"sub", "tenant"}`` in the body (default: a demo user)."""
+        try:
+            body = loads_strict(request.body.decode() or "{}")
+        except (ValueError, RecursionError):
+            return _json(400, {"error": "the body must be a JSON object"})
+        subject = body.get("sub") if isinstance(body, dict) else None
+        tenant = body.get("tenant") if isinstance(body, dict) else None
+        if not isinstance(subject, str) or not subject or len(subject) > 256:
+            subject = "demo-user"
+        claims: dict[str, Any] = {"tenant": tenant} if isinstance(tenant, str) and tenant else {}
+        return _json(200, {"token": self._gateway.mint_dev_token(subject, ttl=300, **claims)})
+
+    async def _check(self, request: Request) -> Response:
+        """Whether the token in ``Authorization: Bearer`` would be admitted now, and if not,
+        the status and reason the handshake answers with (nothing more)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _json(400, {"error": "send the token as Authorization: Bearer <token>"})
+        answer = await self._gateway.check_token(token.strip())
+        return _json(200, answer)
 
     def _authorized(self, request: Request) -> bool:
         if self._key is None:

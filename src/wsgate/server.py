@@ -352,7 +352,18 @@ class Gateway:
 
     # -- admission ----------------------------------------------------------
 
-    def mint_dev_token(self, subject: str, ttl: float = 900.0, scopes: tuple[str, ...] = ()) -> str:
+    async def check_token(self, token: str) -> dict[str, Any]:
+        """What a handshake with ``token`` would be answered now, for ``/auth/check``: the
+        status and the reason the refusal itself would carry, never more."""
+        try:
+            result = await self.auth.authenticate(token, TokenSource.HEADER)
+        except GatewayError as error:
+            return {"admitted": False, "status": error.status, "reason": error.reason}
+        return {"admitted": True, "status": 101, "reason": "admitted", "degraded": result.degraded}
+
+    def mint_dev_token(
+        self, subject: str, ttl: float = 900.0, scopes: tuple[str, ...] = (), **claims: Any
+    ) -> str:
         """A token the running dev-mode gateway accepts (with a random ``jti``)."""
         if self.dev_secret is None:
             raise RuntimeError("dev tokens exist only in dev mode")
@@ -365,6 +376,7 @@ class Gateway:
             audience=self.settings.dev.audience,
             scopes=scopes,
             jti=secrets.token_hex(8),
+            **claims,
         )
 
 
