@@ -187,3 +187,22 @@ def test_a_dropped_connection_is_logged_as_1006_not_as_a_close(tmp_path: Path) -
         len(closed) == 1 and "code=1006" in closed[0] and "connection dropped (no close frame)" in closed[0]
     )
     assert "client closed" not in closed[0]
+
+
+def test_the_dev_banner_recommends_what_installs_and_names_the_demo_page(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsgate", "serve", "--port", "0", "--admin-port", "0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **data_home(tmp_path), "WSGATE_ADMIN__API_KEY": "banner-test-admin-key"},
+    )
+    assert proc.stdout is not None
+    banner = [proc.stdout.readline() for _ in range(12)]
+    proc.terminate()
+    proc.communicate(timeout=30)
+    text = "".join(banner)
+    assert str(tmp_path / "data" / "wsgate" / "dev.key") in text
+    assert "npx wscat -c ws://127.0.0.1:" in text and "websocat" not in text
+    assert "(demo page: http://127.0.0.1:" in text and "/demo)" in text
