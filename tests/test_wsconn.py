@@ -123,3 +123,29 @@ def test_the_opening_handshake_is_let_go_once_over() -> None:
     assert [e.data for e in server.events() if isinstance(e, TextMessage)] == ["later"]
     assert [e.data for e in client.events() if isinstance(e, TextMessage)] == ["back"]
     assert server.state is client.state is ConnectionState.OPEN
+
+
+def test_the_privates_we_rely_on_are_where_we_use_them() -> None:
+    """The privates listed in wsgate/wsconn.py and wsgate/tokens.py, as those modules use
+    them: an upgrade that moves one fails here, not silently in production."""
+    import inspect
+
+    import jwt.api_jws
+    from trio_websocket import WebSocketConnection
+    from wsproto.connection import Connection
+    from wsproto.frame_protocol import FrameDecoder, FrameProtocol
+
+    from wsgate.tokens import _JWS, _JWT
+
+    for name in ("_reader_task", "_get_request", "_send", "_open_handshake"):
+        assert hasattr(WebSocketConnection, name) or name in inspect.getsource(
+            WebSocketConnection.__init__
+        ), name
+    assert "_state" in inspect.getsource(Connection.__init__)
+    assert "_proto" in inspect.getsource(Connection.__init__)
+    assert "_frame_decoder" in inspect.getsource(FrameProtocol.__init__)
+    assert "self.extensions" in inspect.getsource(FrameDecoder.__init__)
+    assert "extension.frame_inbound_header" in inspect.getsource(FrameDecoder)
+    # tokens.py: the PyJWS method _JWS overrides, and PyJWT's own PyJWS it replaces.
+    assert "_decode_base64url_segment" in vars(jwt.api_jws.PyJWS)
+    assert isinstance(_JWT._jws, _JWS)

@@ -5,15 +5,13 @@ the per-connection ``seq`` as it writes, so nothing is encoded twice.
 
 Every connection has one, idle or not, so it is kept small: a list with a
 read position instead of a deque, and the one waiting writer parked in a
-:class:`Sleeper` instead of an event that would be made anew each time the
-queue runs empty.
+``ParkingLot`` (made once) instead of an event made anew each time the queue
+runs empty.
 """
 
 from __future__ import annotations
 
 import trio
-
-from .sleeper import Sleeper
 
 _COMPACT_AFTER = 64  # read items dropped from the list's front once this many are behind
 
@@ -37,7 +35,7 @@ class OutboundQueue:
         self._bytes = 0
         self._max_messages = max_messages
         self._max_bytes = max_bytes
-        self._waiter = Sleeper()  # the one task waiting in take()
+        self._waiter = trio.lowlevel.ParkingLot()  # the one task waiting in take()
         self._not_full: trio.Event | None = None  # made when the queue fills: most never do
         self._closed = False
         self._stopped = False  # stop_taking() was called
@@ -55,7 +53,7 @@ class OutboundQueue:
             return False
         self._items.append(text)
         self._bytes += len(text)
-        self._waiter.wake()
+        self._waiter.unpark_all()
         if self._not_full is None and self.full:
             self._not_full = trio.Event()
         return True
@@ -102,14 +100,16 @@ class OutboundQueue:
         while not (taken := self.take_nowait(max_items, max_bytes)):
             if self._stopped:
                 return taken
-            await self._waiter.sleep()
+            if len(self._waiter):
+                raise trio.BusyResourceError("another task is already taking from this queue")
+            await self._waiter.park()
         return taken
 
     def stop_taking(self) -> None:
         """From now on :meth:`take` does not wait: once the queue is empty it returns an
         empty list, and a task waiting in it now gets one at once."""
         self._stopped = True
-        self._waiter.wake()
+        self._waiter.unpark_all()
 
     def close(self) -> None:
         """Refuse further messages; what is queued can still be taken."""

@@ -45,7 +45,6 @@ from .protocol import (
     parse_client_message,
 )
 from .ratelimit import TokenBucket
-from .sleeper import Sleeper
 from .tokens import Identity
 from .wsconn import send_texts
 
@@ -129,7 +128,7 @@ class Session:
         self._hooks = hooks
         self.lifecycle = lifecycle
         self._wake: trio.CancelScope | None = None  # the watchdog's sleep, moved by refreshes
-        self._sleeper = Sleeper()  # the watchdog, asleep until its next timer
+        self._sleeper = trio.lowlevel.ParkingLot()  # the watchdog, asleep until its next timer
         interval = settings.heartbeat_interval
         # When the watchdog starts the next ping (trio time); None: no heartbeat, or one in flight.
         self._ping_at: float | None = trio.current_time() + interval if interval > 0 else None
@@ -258,7 +257,7 @@ class Session:
         queued) and ends without a ``Cancelled``; if anything else runs, all is cancelled."""
         if all(task.name in (_WRITER, _WATCHDOG) for task in nursery.child_tasks):
             self._outbound.stop_taking()
-            self._sleeper.wake()  # woken, not cancelled: no Cancelled raised
+            self._sleeper.unpark_all()  # woken, not cancelled: no Cancelled raised
         else:
             nursery.cancel_scope.cancel()
 
@@ -439,7 +438,7 @@ class Session:
         while self.close_code is None:
             self._wake = trio.CancelScope(deadline=self._next_wake())
             with self._wake:
-                await self._sleeper.sleep()
+                await self._sleeper.park()
             if self.close_code is not None:
                 return  # woken by _wind_down
             if self._ping_at is not None and trio.current_time() >= self._ping_at:
