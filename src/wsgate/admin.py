@@ -12,16 +12,39 @@ from __future__ import annotations
 import hmac
 import json
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .httpserver import Request, Response
+from .metrics import Metrics
 from .protocol import loads_strict
 
-if TYPE_CHECKING:
-    from .server import Gateway
+
+class Operated(Protocol):
+    """What the admin listener asks of the gateway (``Gateway`` is one)."""
+
+    dev_secret: bytes | None
+    metrics: Metrics
+
+    def readiness_problems(self) -> list[str]: ...
+
+    def public_url(self) -> str: ...
+
+    def mint_dev_token(
+        self, subject: str, ttl: float = ..., scopes: tuple[str, ...] = ..., **claims: Any
+    ) -> str: ...
+
+    async def check_token(self, token: str) -> dict[str, Any]: ...
+
+    def publish(
+        self, subject: str, event: dict[str, Any], *, tenant: str | None = None
+    ) -> tuple[int, int]: ...
+
+    def revoke(
+        self, *, jti: str | None = None, subject: str | None = None, tenant: str | None = None
+    ) -> int: ...
 
 
 DEMO_PAGE = (resources.files("wsgate") / "static" / "demo.html").read_bytes()
@@ -32,7 +55,7 @@ def _json(status: int, body: Any) -> Response:
 
 
 class AdminApp:
-    def __init__(self, gateway: Gateway, api_key: str | None) -> None:
+    def __init__(self, gateway: Operated, api_key: str | None) -> None:
         self._gateway = gateway
         self._key = api_key.encode() if api_key else None
 

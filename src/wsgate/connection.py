@@ -11,25 +11,43 @@ import binascii
 import contextlib
 import logging
 import math
-from typing import TYPE_CHECKING
+from collections import Counter
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from .auth import Authenticated, Authenticator
+from .config import Settings
 from .errors import BadRequest, CloseCode, Forbidden, GatewayError, NotFound, TooManyRequests, Unavailable
 from .handshake import Admission, Pending, reject_headers
+from .metrics import Metrics
 from .protocol import Auth, ProtocolError, encode, parse_client_message
 from .ratelimit import PendingHandshake, PendingHandshakes, RateLimiter
-from .registry import Lease
+from .registry import Lease, Registry
+from .session import Session
 from .sources import extract_credentials
 from .streams import GuardedStream, peer_address, raw_response, refuse_raw
 from .tokens import TokenSource
 from .wsconn import wrap_server_stream
 
-if TYPE_CHECKING:
-    from .server import Gateway
+
+class Admitting(Protocol):
+    """What serving a connection asks of the gateway (``Gateway`` is one)."""
+
+    settings: Settings
+    stats: Counter[str]
+    metrics: Metrics
+    registry: Registry
+    auth: Authenticator
+    draining: bool
+
+    def admission(self, result: Authenticated, subprotocol: str | None, token: str | None) -> Admission: ...
+
+    def new_session(self, ws: WebSocketConnection, admission: Admission) -> Session: ...
+
 
 log = logging.getLogger("wsgate.server")
 
@@ -46,7 +64,7 @@ class _Opened:
 class ConnectionServer:
     """The per-connection half of the gateway."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Admitting) -> None:
         self._gateway = gateway
         server = gateway.settings.server
         self._handshakes = RateLimiter(server.handshake_rate, server.handshake_burst)

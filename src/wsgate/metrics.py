@@ -9,25 +9,25 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .auth import Authenticator
 from .breaker import BreakerState
-
-if TYPE_CHECKING:
-    from .server import Gateway
+from .breaker_actor import BreakerActor
+from .registry import Registry
 
 BREAKER_STATE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
-    """The gateway's metrics registry: histograms observed live, counters collected."""
+    """The gateway's metrics registry: histograms observed live, counters collected from
+    the objects given to :meth:`watch`, once they exist."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.handshake_seconds = Histogram(
             "wsgate_handshake_seconds",
@@ -41,7 +41,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_GatewayCollector(gateway))
+
+    def watch(
+        self, *, stats: Counter[str], sessions: Registry, auth: Authenticator, breaker: BreakerActor
+    ) -> None:
+        """Collect counters and gauges from these at each scrape."""
+        self.registry.register(_GatewayCollector(stats, sessions, auth, breaker))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -56,17 +61,21 @@ def _family(name: str, doc: str, label: str, stats: Counter[str], prefix: str) -
 
 
 class _GatewayCollector(Collector):
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
+    def __init__(
+        self, stats: Counter[str], sessions: Registry, auth: Authenticator, breaker: BreakerActor
+    ) -> None:
+        self._stats = stats
+        self._sessions = sessions
+        self._auth = auth
+        self._breaker = breaker
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        gateway = self._gateway
-        stats = gateway.stats
+        stats = self._stats
         open_by = GaugeMetricFamily(
             "wsgate_connections_open", "Open connections by admission outcome.", labels=["outcome"]
         )
         outcomes: Counter[str] = Counter({"normal": 0, "degraded": 0, "demo": 0})
-        for session in gateway.registry.all_sessions():
+        for session in self._sessions.all_sessions():
             outcomes[
                 "demo" if session.identity.anonymous else "degraded" if session.degraded else "normal"
             ] += 1
@@ -84,7 +93,7 @@ class _GatewayCollector(Collector):
         published = CounterMetricFamily("wsgate_published_events", "Server-push events queued.")
         published.add_metric([], stats["published"])
         yield published
-        introspection = gateway.auth.introspection
+        introspection = self._auth.introspection
         if introspection is not None:
             yield _family(
                 "wsgate_auth_calls", "Auth-service calls by outcome.", "outcome", introspection.stats, "call."
@@ -103,15 +112,13 @@ class _GatewayCollector(Collector):
         breaker = GaugeMetricFamily(
             "wsgate_breaker_state", "Auth-service breaker: 0 closed, 1 half-open, 2 open."
         )
-        breaker.add_metric([], BREAKER_STATE[gateway.breaker.state])
+        breaker.add_metric([], BREAKER_STATE[self._breaker.state])
         yield breaker
         yield _family(
             "wsgate_breaker_transitions",
             "Breaker transitions by new state.",
             "to",
-            gateway.breaker.stats,
+            self._breaker.stats,
             "transition.",
         )
-        yield _family(
-            "wsgate_admission", "Admission decisions by verdict.", "verdict", gateway.auth.stats, ""
-        )
+        yield _family("wsgate_admission", "Admission decisions by verdict.", "verdict", self._auth.stats, "")

@@ -93,7 +93,7 @@ class Gateway:
         self.admin_port: int | None = None
         self.draining = False
         self._rng = rng or random.Random()
-        self.metrics = Metrics(self)
+        self.metrics = Metrics()
         self.connections = ConnectionServer(self)
         # BreakerSettings (validated configuration) and BreakerConfig (the pure machine's) share field names.
         self.breaker = BreakerActor(
@@ -125,6 +125,7 @@ class Gateway:
             key_set=key_set,
             anonymous_ttl=auth.anonymous_ttl,
         )
+        self.metrics.watch(stats=self.stats, sessions=self.registry, auth=self.auth, breaker=self.breaker)
 
     def _discovered(self, introspection_url: str | None, token_url: str | None) -> None:
         """Discovery found the provider's endpoints: use them where none is set explicitly."""
