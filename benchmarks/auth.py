@@ -23,7 +23,7 @@ from .servers import token
 class FakeAuth:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wsgate.fakeauth"],
+            [sys.executable, "-m", "wsgate.testing.fakeauth"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

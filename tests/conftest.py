@@ -115,9 +115,12 @@ def stop(server: Server) -> str:
 
 
 def start_fake_auth() -> tuple[subprocess.Popen[str], str]:
-    """Start ``python -m wsgate.fakeauth`` on 127.0.0.1; returns the process and its base URL."""
+    """Start ``python -m wsgate.testing.fakeauth`` on 127.0.0.1; returns the process and its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wsgate.fakeauth"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "wsgate.testing.fakeauth"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -1,4 +1,4 @@
-"""End to end with a real loopback introspection server (``python -m wsgate.fakeauth``)."""
+"""End to end with a real loopback introspection server (``python -m wsgate.testing.fakeauth``)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import trio
 
-from .httpserver import Request, Response, serve_http
+from ..httpserver import Request, Response, serve_http
 
 MODES = ("up", "down", "error", "hang", "refuse")
 
@@ -206,7 +206,7 @@ class FakeAuthService:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m wsgate.fakeauth [--port N]``: serve the fake on 127.0.0.1 until interrupted."""
+    """``python -m wsgate.testing.fakeauth [--port N]``: serve the fake on 127.0.0.1 until interrupted."""
     import argparse
 
     parser = argparse.ArgumentParser(description="A scriptable fake auth service (tests only).")

@@ -27,13 +27,13 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
-from .agent import Agent
-from .clock import WallClock
-from .config import Settings, load_settings
+from ..agent import Agent
+from ..clock import WallClock
+from ..config import Settings, load_settings
+from ..server import Gateway, open_gateway
+from ..tokens import mint_token
+from ..wsconn import wrap_client_stream
 from .fakeauth import FakeAuthService
-from .server import Gateway, open_gateway
-from .tokens import mint_token
-from .wsconn import wrap_client_stream
 
 TEST_SECRET = b"wsgate-testing-secret-not-for-production-use"
 TEST_ISSUER = "https://issuer.test"
