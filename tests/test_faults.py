@@ -10,7 +10,7 @@ connection in the metrics is left, and the gateway admits the next client.
 
 How it proves itself: make ``Registry.lease`` count the lease before constructing
 the :class:`~wsgate.registry.Lease` (or take a lease without entering it into the
-connection's exit stack) and this test fails at the step that falls in between.
+connection's lease holder) and this test fails at the step that falls in between.
 """
 
 from __future__ import annotations

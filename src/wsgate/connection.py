@@ -26,7 +26,7 @@ from .handshake import Admission, Pending, reject_headers
 from .metrics import Metrics
 from .protocol import Auth, ProtocolError, encode, parse_client_message
 from .ratelimit import PendingHandshake, PendingHandshakes, RateLimiter
-from .registry import Lease, Registry
+from .registry import Lease, LeaseHolder, Registry
 from .session import Session
 from .sources import extract_credentials
 from .streams import GuardedStream, peer_address, raw_response, refuse_raw
@@ -86,9 +86,9 @@ class ConnectionServer:
             log.exception("connection failed", extra={"event": "connection.error"})
 
     async def _serve_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> None:
-        # Every lease taken for this connection is entered into this stack the moment it
+        # The lease taken for this connection is entered into this holder the moment it
         # is taken: however the connection ends, from here on, it is given back.
-        with contextlib.ExitStack() as leases:
+        with LeaseHolder() as leases:
             admitted = await self._handshake(nursery, stream, leases)
             if admitted is None:
                 return
@@ -120,7 +120,7 @@ class ConnectionServer:
                     self._gateway.stats[f"close.{int(session.close_code)}"] += 1
 
     async def _handshake(
-        self, nursery: trio.Nursery, stream: trio.abc.Stream, leases: contextlib.ExitStack
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, leases: LeaseHolder
     ) -> tuple[WebSocketConnection, Admission, Lease] | None:
         """Upgrade and admit (at the upgrade or by first message); None if that did not happen.
 
@@ -164,7 +164,7 @@ class ConnectionServer:
             await refuse_raw(stream, raw_response(error.status, phrase, error.reason, retry_after=retry))
 
     async def _upgrade_and_admit(
-        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str, leases: contextlib.ExitStack
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str, leases: LeaseHolder
     ) -> tuple[WebSocketConnection, Admission, Lease] | None:
         server = self._gateway.settings.server
         guarded = GuardedStream(
@@ -212,15 +212,13 @@ class ConnectionServer:
             self._gateway.stats["handshake.timeout"] += 1
             log.info("handshake timed out", extra={"event": "handshake.timeout"})
 
-    async def _open(
-        self, request: WebSocketRequest, peer: str, leases: contextlib.ExitStack
-    ) -> _Opened | None:
+    async def _open(self, request: WebSocketRequest, peer: str, leases: LeaseHolder) -> _Opened | None:
         """Admit and upgrade, or refuse with the HTTP status; None when refused."""
         lease: Lease | None = None
         try:
             admission = await self.admit(request, peer=peer)
             if isinstance(admission, Admission):
-                lease = leases.enter_context(self._gateway.registry.lease(admission.identity.user_key))
+                lease = leases.take(self._gateway.registry.lease(admission.identity.user_key))
         except GatewayError as error:
             self._gateway.stats[f"handshake.{error.status}"] += 1
             log.info(
@@ -241,7 +239,7 @@ class ConnectionServer:
         return _Opened(ws, admission, lease)
 
     async def _first_message(
-        self, ws: WebSocketConnection, leases: contextlib.ExitStack
+        self, ws: WebSocketConnection, leases: LeaseHolder
     ) -> tuple[Admission, Lease] | None:
         """First-message auth: the only message allowed is ``auth``, within the timeout."""
         auth = self._gateway.settings.auth
@@ -268,7 +266,7 @@ class ConnectionServer:
             with trio.fail_after(auth.deadline + 1):
                 result = await self._gateway.auth.authenticate(message.token, TokenSource.FIRST_MESSAGE)
             admission = self._gateway.admission(result, ws.subprotocol, message.token)
-            lease = leases.enter_context(self._gateway.registry.lease(result.identity.user_key))
+            lease = leases.take(self._gateway.registry.lease(result.identity.user_key))
         except GatewayError as error:
             await self._refuse_open(ws, error.close_code, error.reason, f"first_message.{error.status}")
             return None

@@ -3,7 +3,7 @@
 A connection takes a lease at admission (so limits hold even for handshakes
 racing each other), attaches its session once upgraded, and releases the lease
 when it ends; the hub goes away with its user's last lease. A lease is a
-context manager, entered the moment it is taken (``stack.enter_context(
+context manager, entered the moment it is taken (``holder.take(
 registry.lease(key))``), so nothing can come between taking it and the code
 that gives it back.
 """
@@ -65,6 +65,29 @@ class Lease:
         if self._session is not None:
             hub.sessions.discard(self._session)
         self._registry._release(hub)
+
+
+class LeaseHolder:
+    """What a connection holds from admission on: :meth:`take` enters the lease the moment
+    it is given one, and leaving the holder's ``with`` block gives it back. One slot, not
+    an ``ExitStack`` (a kilobyte per idle connection)."""
+
+    __slots__ = ("lease",)
+
+    def __init__(self) -> None:
+        self.lease: Lease | None = None
+
+    def take(self, lease: Lease) -> Lease:
+        assert self.lease is None, "a connection holds one lease"
+        self.lease = lease.__enter__()
+        return self.lease
+
+    def __enter__(self) -> LeaseHolder:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
 
 class Registry:

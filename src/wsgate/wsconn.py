@@ -90,7 +90,8 @@ class _DeclaredSizeLimit(Extension):
     """Refuses a frame as soon as its header declares a payload over ``limit`` bytes.
 
     Not an extension a peer negotiates: wsproto's hook for frame headers is where a
-    declared length can be seen before the payload arrives.
+    declared length can be seen before the payload arrives. It holds no state, so one
+    object per limit serves every connection (:func:`_size_limit`).
     """
 
     name = "wsgate-declared-size-limit"
@@ -110,6 +111,16 @@ class _DeclaredSizeLimit(Extension):
         if payload_length > self._limit:
             return CloseReason.MESSAGE_TOO_BIG
         return RsvBits(False, False, False)
+
+
+_SIZE_LIMITS: dict[int, _DeclaredSizeLimit] = {}
+
+
+def _size_limit(limit: int) -> _DeclaredSizeLimit:
+    extension = _SIZE_LIMITS.get(limit)
+    if extension is None:
+        extension = _SIZE_LIMITS[limit] = _DeclaredSizeLimit(limit)
+    return extension
 
 
 class _AnsweringWSConnection(WSConnection):
@@ -160,7 +171,7 @@ class _AnsweringWSConnection(WSConnection):
         connection = self.connection
         del self.handshake
         if connection is not None:
-            connection._proto._frame_decoder.extensions.append(_DeclaredSizeLimit(self._max_frame_bytes))
+            connection._proto._frame_decoder.extensions.append(_size_limit(self._max_frame_bytes))
 
     def _events(self) -> Generator[Event, None, None]:
         """``WSConnection.events``, letting go of the opening handshake once it is over.
