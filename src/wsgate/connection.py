@@ -24,7 +24,7 @@ from .config import Settings
 from .errors import BadRequest, CloseCode, Forbidden, GatewayError, NotFound, TooManyRequests, Unavailable
 from .handshake import Admission, Pending, reject_headers
 from .metrics import Metrics
-from .protocol import Auth, ProtocolError, encode, parse_client_message
+from .protocol import Auth, ProtocolError, encode, numbered, parse_client_message
 from .ratelimit import PendingHandshake, PendingHandshakes, RateLimiter
 from .registry import Lease, LeaseHolder, Registry
 from .session import Session
@@ -287,7 +287,7 @@ class ConnectionServer:
             cleanup.shield = True
             with contextlib.suppress(ConnectionClosed):
                 await ws.send_message(
-                    encode({"type": "error", "code": "auth_failed", "message": reason, "seq": 1})
+                    numbered(encode({"type": "error", "code": "auth_failed", "message": reason}), 1)
                 )
             await ws.aclose(int(code), reason)
 

@@ -173,6 +173,12 @@ def encode(message: dict[str, Any]) -> str:
     return text
 
 
+def numbered(text: str, seq: int) -> str:
+    """An encoded server message (a JSON object, from :func:`encode`) with its ``seq``: the
+    one place a message gets its number, as it is written (so nothing is encoded twice)."""
+    return f'{text[:-1]},"seq":{seq}}}'
+
+
 PONG = encode({"type": "pong", "id": None})  # the answer to a ping without an id, encoded once
 
 

@@ -42,6 +42,7 @@ from .protocol import (
     UserMessage,
     encode,
     encode_pong,
+    numbered,
     parse_client_message,
 )
 from .ratelimit import TokenBucket
@@ -289,7 +290,7 @@ class Session:
         frames = []
         for text in texts:
             self._seq += 1
-            frames.append(f'{text[:-1]},"seq":{self._seq}}}')
+            frames.append(numbered(text, self._seq))
         # A message taken from the queue is written whole even while the session is
         # being cancelled (a frame cut in half would corrupt the stream), within a bound.
         # The deadline is given at construction: set on an entered scope, it costs a second
