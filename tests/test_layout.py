@@ -73,3 +73,41 @@ def test_the_cycle_finder_finds_one() -> None:
 
 def test_nothing_in_src_parks_on_wait_task_rescheduled() -> None:
     assert not [p.name for p in SRC.rglob("*.py") if "wait_task_rescheduled" in p.read_text()]
+
+
+def test_a_counter_of_no_declared_family_fails_where_it_is_counted() -> None:
+    import pytest
+
+    from wsgate.metrics import Stats
+
+    stats = Stats()
+    stats["handshake.429"] += 1
+    stats["published"] += 2
+    with pytest.raises(KeyError, match="no such counter"):
+        stats["handshak.429"] += 1  # a typo would have been a new, unexported series
+    with pytest.raises(KeyError):
+        stats["handshake"] += 1  # a family needs its label
+    assert stats == {"handshake.429": 1, "published": 2}
+
+
+def test_every_counter_family_is_exported() -> None:
+    """Every declared family reaches /metrics (recheck, first_message and connection
+    failures were counted but never exported)."""
+    import trio
+
+    from wsgate.metrics import FAMILIES, PLAIN
+    from wsgate.testing import open_harness
+
+    async def scrape() -> str:
+        async with open_harness() as h:
+            for prefix in FAMILIES:
+                h.gateway.stats[f"{prefix}.x"] += 1
+            for key in PLAIN:
+                h.gateway.stats[key] += 1
+            return h.gateway.metrics.exposition().decode()
+
+    text = trio.run(scrape)
+    for family in FAMILIES.values():
+        assert f'{family.metric}_total{{{family.label}="x"}} 1.0' in text, family.metric
+    for metric, _ in PLAIN.values():
+        assert f"{metric}_total 1.0" in text, metric

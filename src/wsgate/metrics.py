@@ -1,8 +1,12 @@
 """Prometheus metrics, read from the gateway's counters at scrape time.
 
-The hot paths only bump plain ``collections.Counter`` entries (or observe a
-histogram); this collector turns them into Prometheus families when
-``/metrics`` is scraped, on a registry of the gateway's own.
+The hot paths only bump entries of a :class:`Stats` (a ``Counter``; or observe a
+histogram); the collector turns them into Prometheus families when ``/metrics``
+is scraped, on a registry of the gateway's own. Every counter belongs to a
+family declared once, in :data:`FAMILIES` (``handshake.429``: family
+``handshake``, label ``429``) or :data:`PLAIN`; counting a key of no declared
+family raises, so a typo fails where it is made instead of starting a series
+nobody exports.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
+import attrs
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -21,6 +26,47 @@ from .registry import Registry
 
 BREAKER_STATE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@attrs.frozen
+class Family:
+    metric: str
+    doc: str
+    label: str
+
+
+FAMILIES: dict[str, Family] = {
+    "handshake": Family("wsgate_handshakes", "Handshakes by outcome.", "outcome"),
+    "first_message": Family(
+        "wsgate_first_message_auth", "First-message auth refusals by outcome.", "outcome"
+    ),
+    "close": Family(
+        "wsgate_close_codes", "Ended sessions by close code (1006: dropped, no close frame).", "code"
+    ),
+    "refresh": Family("wsgate_token_refreshes", "In-band refreshes by outcome.", "outcome"),
+    "recheck": Family("wsgate_rechecks", "Re-checks of live sessions that changed them.", "outcome"),
+    "run": Family("wsgate_agent_runs", "Agent runs by final status.", "status"),
+    "send": Family("wsgate_send", "Back-pressure events.", "event"),
+    "connection": Family(
+        "wsgate_connection_failures", "Connections ended by a bug of ours (logged).", "kind"
+    ),
+}
+PLAIN: dict[str, tuple[str, str]] = {
+    "agent_events": ("wsgate_agent_events", "Agent events queued for clients."),
+    "published": ("wsgate_published_events", "Server-push events queued."),
+    "revoked": ("wsgate_revoked_sessions", "Sessions closed because their token or subject was revoked."),
+}
+
+
+class Stats(Counter[str]):
+    """The gateway's counters: ``family.label`` keys of :data:`FAMILIES`, or :data:`PLAIN`
+    names; any other key raises ``KeyError`` when counted."""
+
+    def __missing__(self, key: str) -> int:
+        family, dot, label = key.partition(".")
+        if (dot and label and family in FAMILIES) or (not dot and key in PLAIN):
+            return 0
+        raise KeyError(f"{key!r}: no such counter; declare its family in wsgate.metrics")
 
 
 class Metrics:
@@ -82,17 +128,12 @@ class _GatewayCollector(Collector):
         for outcome, count in sorted(outcomes.items()):
             open_by.add_metric([outcome], count)
         yield open_by
-        yield _family("wsgate_handshakes", "Handshakes by outcome.", "outcome", stats, "handshake.")
-        yield _family("wsgate_close_codes", "Close codes sent.", "code", stats, "close.")
-        yield _family("wsgate_token_refreshes", "In-band refreshes by outcome.", "outcome", stats, "refresh.")
-        yield _family("wsgate_agent_runs", "Agent runs by final status.", "status", stats, "run.")
-        yield _family("wsgate_send", "Back-pressure events.", "event", stats, "send.")
-        events = CounterMetricFamily("wsgate_agent_events", "Agent events queued for clients.")
-        events.add_metric([], stats["agent.events"])
-        yield events
-        published = CounterMetricFamily("wsgate_published_events", "Server-push events queued.")
-        published.add_metric([], stats["published"])
-        yield published
+        for prefix, family in FAMILIES.items():
+            yield _family(family.metric, family.doc, family.label, stats, prefix + ".")
+        for key, (metric, doc) in PLAIN.items():
+            plain = CounterMetricFamily(metric, doc)
+            plain.add_metric([], stats[key])
+            yield plain
         introspection = self._auth.introspection
         if introspection is not None:
             yield _family(

@@ -34,7 +34,7 @@ from .httpserver import serve_http
 from .introspection import IntrospectionClient
 from .jwks import KeySetSource
 from .lifecycle import LifecycleConfig, TokenLifecycle
-from .metrics import Metrics
+from .metrics import Metrics, Stats
 from .policy import Level, ServiceAnswer
 from .registry import Registry
 from .session import Session
@@ -88,7 +88,7 @@ class Gateway:
             )
             for rechecked in (False, True)
         )
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Stats()
         self.addresses: list[tuple[str, int]] = []
         self.admin_port: int | None = None
         self.draining = False

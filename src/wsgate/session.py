@@ -510,7 +510,7 @@ class Session:
             if completed:
                 raise RuntimeError("the run has already completed")
             completed = event == "agent_completed"
-            self.stats["agent.events"] += 1
+            self.stats["agent_events"] += 1
             await self.send({"type": event, "run_id": run_id, **tag, **fields})
 
         ctx = RunContext(run_id=run_id, session_id=self.id, identity=self.identity)
