@@ -72,6 +72,41 @@ class Server:
 WSGATE = (sys.executable, "-m", "wsgate")
 
 
+def start_process(
+    command: Sequence[str],
+    pattern: str,
+    *,
+    what: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    stream: str = "stdout",
+) -> tuple[subprocess.Popen[str], re.Match[str]]:
+    """Start ``command`` and read its ``stream`` line by line until ``pattern`` matches
+    (within 30 s); the one way the tests start a server of their own. Raises
+    AssertionError, with what the process printed, when it does not."""
+    proc = subprocess.Popen(
+        list(command),
+        cwd=cwd,
+        stdout=subprocess.PIPE if stream == "stdout" else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines = proc.stdout if stream == "stdout" else proc.stderr
+    assert lines is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = lines.readline()
+        if not line:
+            break
+        match = re.search(pattern, line)
+        if match:
+            return proc, match
+    proc.kill()
+    _, err = proc.communicate()
+    raise AssertionError(f"{what} did not start: {err[-2000:]}")
+
+
 def start_server(
     cwd: Path, *args: str, env: dict[str, str] | None = None, command: Sequence[str] = WSGATE
 ) -> Server:
@@ -79,29 +114,19 @@ def start_server(
 
     ``command`` runs instead of ``python -m wsgate`` (it is given ``serve --port 0 ...``).
     """
-    proc = subprocess.Popen(
+    proc, match = start_process(
         [*command, "serve", "--port", "0", *args],
+        r"listening on (ws://\S+)",
+        what="wsgate serve",
         cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
         env={**os.environ, **data_home(cwd), **(env or {})},
     )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        match = re.search(r"listening on (ws://\S+)", line)
-        if match:
-            admin = None
-            if "--admin-port" in args:
-                admin_match = re.search(r"admin listener on (http://\S+)", proc.stdout.readline())
-                admin = admin_match.group(1) if admin_match else None
-            return Server(proc, match.group(1), cwd, admin)
-    proc.kill()
-    raise AssertionError("server did not start: " + (proc.stderr.read() if proc.stderr else ""))
+    admin = None
+    if "--admin-port" in args:
+        assert proc.stdout is not None
+        admin_match = re.search(r"admin listener on (http://\S+)", proc.stdout.readline())
+        admin = admin_match.group(1) if admin_match else None
+    return Server(proc, match.group(1), cwd, admin)
 
 
 def stop(server: Server) -> str:
@@ -116,18 +141,9 @@ def stop(server: Server) -> str:
 
 def start_fake_auth() -> tuple[subprocess.Popen[str], str]:
     """Start ``python -m wsgate.testing.fakeauth`` on 127.0.0.1; returns the process and its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wsgate.testing.fakeauth"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, match = start_process(
+        [sys.executable, "-m", "wsgate.testing.fakeauth"], r"on (http://\S+)", what="the fake auth service"
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"on (http://\S+)", line)
-    if not match:
-        proc.kill()
-        raise AssertionError("fake auth service did not start: " + line)
     return proc, match.group(1)
 
 

@@ -6,10 +6,8 @@ import asyncio
 import base64
 import itertools
 import json
-import re
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,7 +17,7 @@ import httpx
 import pytest
 import websockets
 
-from conftest import start_server, stop
+from conftest import start_process, start_server, stop
 
 CHROMIUM = next((p for p in map(shutil.which, ["chromium", "chromium-browser", "google-chrome"]) if p), None)
 pytestmark = pytest.mark.skipif(
@@ -30,35 +28,25 @@ AGENT_EVENTS = ["agent_started", "agent_thinking", "tool_executing", "tool_compl
 
 def start_chromium(profile: Path) -> tuple[subprocess.Popen[str], str]:
     assert CHROMIUM is not None
-    proc = subprocess.Popen(
-        [
-            CHROMIUM,
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--remote-debugging-port=0",
-            "--window-size=1000,800",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    command = [
+        CHROMIUM,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        "--window-size=1000,800",
+        "about:blank",
+    ]
+    proc, match = start_process(
+        command, r"DevTools listening on ws://([^/]+)/", what="Chromium", stream="stderr"
     )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        match = re.search(r"DevTools listening on ws://([^/]+)/", line)
-        if match:
-            return proc, match.group(1)
-    proc.kill()
-    pytest.fail("Chromium did not start its DevTools endpoint")
+    return proc, match.group(1)
 
 
 LOG_TYPES = "JSON.stringify([...document.querySelectorAll('#log li')].map(li => li.dataset.type))"

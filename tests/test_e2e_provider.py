@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from conftest import Server, recv, start_server, stop
+from conftest import Server, recv, start_process, start_server, stop
 from idp_server import CHAT_SECRET, PASSWORD, WSGATE_SECRET
 
 pytestmark = pytest.mark.slow
@@ -87,19 +86,12 @@ class Provider:
 
 
 def start_provider(root: Path, key: Path, *more: str, port: int = 0) -> Provider:
-    proc = subprocess.Popen(
+    proc, match = start_process(
         [sys.executable, str(IDP_SCRIPT), "--db", str(root / "idp.sqlite3"), "--key", str(key),
          "--port", str(port), *more],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        r"listening on (http://\S+)",
+        what="the identity provider",
     )  # fmt: skip
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"listening on (http://\S+)", line)
-    if not match:
-        proc.kill()
-        raise AssertionError("provider did not start: " + (proc.stderr.read() if proc.stderr else ""))
     return Provider(proc, match.group(1))
 
 
