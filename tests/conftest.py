@@ -15,6 +15,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from wsgate.testing import GatewayHarness
+
 
 def _pem(private: Any) -> tuple[Any, bytes]:
     public = private.public_key().public_bytes(
@@ -145,6 +147,22 @@ def start_fake_auth() -> tuple[subprocess.Popen[str], str]:
         [sys.executable, "-m", "wsgate.testing.fakeauth"], r"on (http://\S+)", what="the fake auth service"
     )
     return proc, match.group(1)
+
+
+def gateway_state(h: GatewayHarness) -> dict[str, Any]:
+    """What must be the same before a client comes and after it has gone: leases, users,
+    pending handshakes, and the open-connection gauges the metrics report."""
+    gauges = [
+        line
+        for line in h.gateway.metrics.exposition().decode().splitlines()
+        if line.startswith("wsgate_connections_open{")
+    ]
+    return {
+        "leases": len(h.gateway.registry),
+        "users": h.gateway.registry.users,
+        "pending": len(h.gateway.connections.pending),
+        "connections_open": gauges,
+    }
 
 
 async def recv(ws: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import pytest
 import trio
 import trio.testing
 
+from conftest import gateway_state
 from wsgate.testing import GatewayHarness, open_harness, settings_for_tests
 
 SERVER_MODULES = (
@@ -79,20 +80,6 @@ class Injector:
         return None
 
 
-def state(h: GatewayHarness) -> dict[str, Any]:
-    gauges = [
-        line
-        for line in h.gateway.metrics.exposition().decode().splitlines()
-        if line.startswith("wsgate_connections_open{")
-    ]
-    return {
-        "leases": len(h.gateway.registry),
-        "users": h.gateway.registry.users,
-        "pending": len(h.gateway.connections.pending),
-        "connections_open": gauges,
-    }
-
-
 async def connect_once(h: GatewayHarness, injector: Injector) -> bool:
     """One client, from connecting to its session.ready, with ``injector`` tracing."""
     previous = sys.gettrace()
@@ -119,13 +106,13 @@ STEPS = trio.run(steps_of_a_clean_handshake, clock=trio.testing.MockClock(autoju
 
 async def fault_at(step: int) -> tuple[Injector, dict[str, Any], dict[str, Any], bool]:
     async with open_harness(settings_for_tests()) as h:
-        before = state(h)
+        before = gateway_state(h)
         injector = Injector(at=step)
         await connect_once(h, injector)
         with trio.fail_after(120):
             await h.gateway.registry.wait_empty()
             await trio.testing.wait_all_tasks_blocked()
-        after = state(h)
+        after = gateway_state(h)
         async with h.connect(h.token("bob")) as client:
             served = (await client.receive_json())["type"] == "session.ready"
         return injector, before, after, served

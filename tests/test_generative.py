@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed
 
+from conftest import gateway_state
 from wsgate import CloseCode
 from wsgate.testing import (
     TEST_AUDIENCE,
@@ -148,22 +149,6 @@ def errors_logged() -> Iterator[list[logging.LogRecord]]:
         root.removeHandler(handler)
 
 
-def state(h: GatewayHarness) -> dict[str, Any]:
-    """What must be the same before a client comes and after it has gone."""
-    gateway = h.gateway
-    gauges = [
-        line
-        for line in gateway.metrics.exposition().decode().splitlines()
-        if line.startswith("wsgate_connections_open")
-    ]
-    return {
-        "leases": len(gateway.registry),
-        "users": gateway.registry.users,
-        "pending": len(gateway.connections.pending),
-        "connections_open": gauges,
-    }
-
-
 def check_message(message: dict[str, Any]) -> None:
     assert message.get("type") in SERVER_TYPES, message
     if message["type"] == "error":
@@ -194,12 +179,12 @@ async def with_gateway(
 ) -> list[logging.LogRecord]:
     with errors_logged() as errors:
         async with open_harness(settings_for_tests(**overrides)) as h:
-            before = state(h)
+            before = gateway_state(h)
             await body(h)
             with trio.fail_after(120):
                 await h.gateway.registry.wait_empty()
                 await trio.testing.wait_all_tasks_blocked()
-            assert state(h) == before
+            assert gateway_state(h) == before
             assert h.gateway.stats["connection.bug"] == 0
             assert h.gateway.stats["close.1011"] == 0
     return errors

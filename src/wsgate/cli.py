@@ -19,7 +19,7 @@ import trio
 from . import __version__
 from .config import Settings, load_settings, to_toml
 from .devkey import dev_key_path, load_dev_secret
-from .errors import ConfigError, StartupError
+from .errors import ConfigError, StartupError, leaves
 from .log import configure_logging
 from .server import Gateway, serve
 from .tokens import mint_token
@@ -139,24 +139,17 @@ def _serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             trio.run(_run_server, settings)
     except* StartupError as group:
-        failures += [f"wsgate: {error}" for error in _leaves(group)]
+        failures += [f"wsgate: {error}" for error in leaves(group)]
     except* ConfigError as group:
         failures += [
             f"wsgate: config: {problem}"
-            for error in _leaves(group)
+            for error in leaves(group)
             if isinstance(error, ConfigError)
             for problem in error.problems
         ]
     for failure in failures:
         print(failure, file=sys.stderr)
     return 2 if failures else 0
-
-
-def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for error in group.exceptions:
-        out.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
-    return out
 
 
 async def _run_server(settings: Settings) -> None:

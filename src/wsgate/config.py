@@ -500,32 +500,28 @@ def to_toml(settings: Any, *, commented: bool = False) -> str:
     out: list[str] = []
     mark = "# " if commented else ""
 
-    def table(obj: Any, header: str | None) -> None:
-        tables: list[tuple[str, Any]] = []
-        lines: list[str] = []
+    def table(obj: Any, path: str, header: str) -> None:
+        """Write ``obj``'s settings under ``header``, then its sub-tables (``path``: its dotted name)."""
+        tables: list[tuple[str, Any, str]] = []  # (dotted path, value, header)
+        if header:
+            out.extend(("", header))
         for attribute in attrs.fields(type(obj)):
             value = getattr(obj, attribute.name)
+            dotted = f"{path}.{attribute.name}" if path else attribute.name
             if attrs.has(type(value)):
-                tables.append((attribute.name, value))
+                tables.append((dotted, value, f"[{dotted}]"))
             elif isinstance(value, tuple) and value and attrs.has(type(value[0])):
-                tables += [(f"[{attribute.name}]", item) for item in value]
+                tables += [(dotted, item, f"[[{dotted}]]") for item in value]  # an array of tables
             elif attribute.metadata.get("secret") and value is not None:
-                lines.append(f'# {attribute.name} = "***"  (set; masked)')
+                out.append(f'# {attribute.name} = "***"  (set; masked)')
             elif value is None:
-                lines.append(f"# {attribute.name} =  (not set)")
+                out.append(f"# {attribute.name} =  (not set)")
             else:
-                lines.append(f"{mark}{attribute.name} = {_toml_value(value)}")
-        if header is not None:
-            out.append("")
-            out.append(header)
-        out.extend(lines)
-        for name, value in tables:
-            if name.startswith("["):  # an array of tables: [[auth.keys]]
-                table(value, f"[[{(header or '[').strip('[]')}.{name.strip('[]')}]]")
-            else:
-                table(value, f"[{((header or '').strip('[]') + '.' if header else '')}{name}]")
+                out.append(f"{mark}{attribute.name} = {_toml_value(value)}")
+        for dotted, value, sub_header in tables:
+            table(value, dotted, sub_header)
 
-    table(settings, None)
+    table(settings, "", "")
     return "\n".join(out).lstrip("\n") + "\n"
 
 
@@ -540,21 +536,3 @@ EXAMPLE_HEADER = """\
 def example_toml() -> str:
     """The text of the shipped ``wsgate.example.toml`` (a test holds the file to it)."""
     return EXAMPLE_HEADER + "\n" + to_toml(Settings(), commented=True)
-
-
-def effective(settings: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """Flatten settings into (dotted name, shown value) pairs, secrets masked."""
-    rows: list[tuple[str, str]] = []
-    for attribute in attrs.fields(type(settings)):
-        value = getattr(settings, attribute.name)
-        name = prefix + attribute.name
-        if attrs.has(type(value)):
-            rows.extend(effective(value, name + "."))
-        elif isinstance(value, tuple) and value and attrs.has(type(value[0])):
-            for i, item in enumerate(value):
-                rows.extend(effective(item, f"{name}[{i}]."))
-        elif attribute.metadata.get("secret") and value is not None:
-            rows.append((name, "***"))
-        else:
-            rows.append((name, repr(value)))
-    return rows

@@ -130,26 +130,22 @@ class ConnectionServer:
         scopes) is freed when it returns instead of living as long as the connection.
         """
         peer = peer_address(stream)
-        place = self._pending_place(peer)
-        if isinstance(place, GatewayError):
-            await self._refuse_accepted(stream, place)
+        try:
+            place = self._pending_place(peer)
+        except GatewayError as error:
+            await self._refuse_accepted(stream, error)
             return None
         with place:
             return await self._upgrade_and_admit(nursery, stream, peer, leases)
 
-    def _pending_place(self, peer: str) -> PendingHandshake | GatewayError:
-        """A place for one more handshake from ``peer``, or the refusal to answer with."""
+    def _pending_place(self, peer: str) -> PendingHandshake:
+        """A place for one more handshake from ``peer``, or the :class:`GatewayError` to
+        answer with (its rate, or the pending caps)."""
         if not self._handshakes.allow(peer, trio.current_time()):
-            return TooManyRequests(
+            raise TooManyRequests(
                 "too many handshakes from this address", retry_after=self._handshakes.retry_after(peer)
             )
-        place = self.pending.hold(peer)
-        if place == "address":
-            return TooManyRequests("too many unfinished handshakes from this address", retry_after=1)
-        if place == "total":
-            return Unavailable("too many unfinished handshakes", retry_after=1)
-        assert isinstance(place, PendingHandshake)
-        return place
+        return self.pending.hold(peer)
 
     async def _refuse_accepted(self, stream: trio.abc.Stream, error: GatewayError) -> None:
         """Answer a connection refused before its request was read, at once."""
@@ -158,10 +154,9 @@ class ConnectionServer:
             "handshake refused",
             extra={"event": "handshake.refused", "status": error.status, "reason": error.reason},
         )
-        phrase = "Too Many Requests" if error.status == 429 else "Service Unavailable"
         retry = max(1, math.ceil(error.retry_after or 1))
         with trio.move_on_after(self._gateway.settings.server.close_timeout):
-            await refuse_raw(stream, raw_response(error.status, phrase, error.reason, retry_after=retry))
+            await refuse_raw(stream, raw_response(error.status, error.reason, retry_after=retry))
 
     async def _upgrade_and_admit(
         self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str, leases: LeaseHolder
@@ -202,10 +197,10 @@ class ConnectionServer:
     async def _cut_short(self, stream: GuardedStream) -> None:
         """Account for a handshake that ended early: a refused head, the peer gone, or the deadline."""
         if stream.refusal is not None:
-            status = int(stream.refusal.split(b" ", 2)[1])
+            status, response = stream.refusal
             self._gateway.stats[f"handshake.{status}"] += 1
             log.info("handshake refused", extra={"event": "handshake.refused", "status": status})
-            await stream.reply_raw(stream.refusal)
+            await stream.reply_raw(response)
         elif stream.gone:
             self._gateway.stats["handshake.abandoned"] += 1
         else:

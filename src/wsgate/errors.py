@@ -89,6 +89,13 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions in ``error``, an exception group flattened (itself, if not a group)."""
+    if not isinstance(error, BaseExceptionGroup):
+        return [error]
+    return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+
+
 class StartupError(Exception):
     """The gateway cannot start; ``message`` names the cause and the setting, in one line."""
 

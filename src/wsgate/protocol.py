@@ -88,6 +88,18 @@ def _field(obj: dict[str, Any], name: str, *, optional: bool = False, limit: int
     return value
 
 
+def has_utf8(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8: JSON's ``\\ud800`` escapes make strings
+    that cannot, and such text can be neither sent, logged nor hashed as it is."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN, Infinity, -Infinity (RFC 8259 has none)
 
@@ -112,11 +124,8 @@ def loads_strict(text: str) -> Any:
     value = _DECODER.decode(text)
     # Text decoded from a WebSocket frame or an HTTP body holds no surrogates itself:
     # only an escape can make one, so without a backslash-u there is nothing to check.
-    if "\\u" in text:
-        try:
-            _ENCODER.encode(value).encode()
-        except UnicodeEncodeError:
-            raise ValueError("a string holds an unpaired surrogate (\\uD800-\\uDFFF)") from None
+    if "\\u" in text and not has_utf8(_ENCODER.encode(value)):
+        raise ValueError("a string holds an unpaired surrogate (\\uD800-\\uDFFF)")
     return value
 
 
@@ -165,12 +174,7 @@ def encode(message: dict[str, Any]) -> str:
     Infinity and TypeError for values JSON has no form for.
     """
     text = _ENCODER.encode(message)
-    if not text.isascii():
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            return _ASCII_ENCODER.encode(message)
-    return text
+    return text if has_utf8(text) else _ASCII_ENCODER.encode(message)
 
 
 def numbered(text: str, seq: int) -> str:

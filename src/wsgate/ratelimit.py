@@ -1,8 +1,10 @@
-"""Token buckets, as plain objects: time passed in."""
+"""Token buckets and pending-handshake caps, as plain objects: time passed in."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+from .errors import TooManyRequests, Unavailable
 
 
 class TokenBucket:
@@ -56,8 +58,9 @@ class PendingHandshakes:
     """Handshakes under way (accepted, not yet admitted or refused), per client address
     and in all, each count capped: what a client may hold before it has authenticated.
 
-    :meth:`hold` checks the caps; the place it returns counts from when it is entered
-    (``with``) until it is left, so nothing can come between counting and giving back.
+    :meth:`hold` checks the caps (like ``Registry.lease``); the place it returns counts
+    from when it is entered (``with``) until it is left, so nothing can come between
+    counting and giving back.
     """
 
     __slots__ = ("_by_address", "_per_address", "_total", "_total_cap")
@@ -71,13 +74,13 @@ class PendingHandshakes:
     def __len__(self) -> int:
         return self._total
 
-    def hold(self, address: str) -> PendingHandshake | str:
-        """A place for one more handshake from ``address``, or the name of the full cap
-        (``"address"`` or ``"total"``)."""
+    def hold(self, address: str) -> PendingHandshake:
+        """A place for one more handshake from ``address``; raises :class:`TooManyRequests`
+        when the address holds its cap, :class:`Unavailable` when all together do."""
         if self._by_address.get(address, 0) >= self._per_address:
-            return "address"
+            raise TooManyRequests("too many unfinished handshakes from this address", retry_after=1)
         if self._total >= self._total_cap:
-            return "total"
+            raise Unavailable("too many unfinished handshakes", retry_after=1)
         return PendingHandshake(self, address)
 
     def _take(self, address: str) -> None:

@@ -36,7 +36,7 @@ class Hub:
 
 class Lease:
     """One connection's place in the registry, from admission to close: counted from
-    when it is entered (``with``, or an exit stack) until it is left or released."""
+    when it is entered (``with``, or a :class:`LeaseHolder`) until it is left or released."""
 
     __slots__ = ("_hub", "_key", "_registry", "_session")
 
@@ -109,8 +109,8 @@ class Registry:
 
     def lease(self, key: UserKey, retry_after: float = 1.0) -> Lease:
         """A place for one more connection of ``key``, or :class:`TooManyRequests`. It
-        counts once entered: enter it at once (``with``, or an exit stack); nothing may
-        wait in between, or two handshakes could both take the last place."""
+        counts once entered: enter it at once (``with``, or a :class:`LeaseHolder`); nothing
+        may wait in between, or two handshakes could both take the last place."""
         if self._leases >= self._total:
             raise TooManyRequests("too many connections on this server", retry_after=retry_after)
         hub = self._hubs.get(key)

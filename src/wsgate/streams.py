@@ -25,6 +25,7 @@ waiting on them: every connection pays for this object while it lives.
 from __future__ import annotations
 
 import contextlib
+from http import HTTPStatus
 
 import trio
 
@@ -32,11 +33,12 @@ END_OF_HEAD = b"\r\n\r\n"
 HTTP_11 = b" HTTP/1.1"
 
 
-def raw_response(status: int, phrase: str, reason: str, *, retry_after: int | None = None) -> bytes:
-    """An HTTP/1.1 refusal written below the WebSocket layer (before or instead of a parser)."""
+def raw_response(status: int, reason: str, *, retry_after: int | None = None) -> bytes:
+    """An HTTP/1.1 refusal written below the WebSocket layer (before or instead of a parser),
+    with ``reason`` as its plain-text body."""
     body = reason.encode() + b"\n"
     head = [
-        f"HTTP/1.1 {status} {phrase}",
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
         "content-type: text/plain; charset=utf-8",
         f"content-length: {len(body)}",
         "cache-control: no-store",
@@ -47,9 +49,9 @@ def raw_response(status: int, phrase: str, reason: str, *, retry_after: int | No
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-RESPONSE_431 = raw_response(431, "Request Header Fields Too Large", "request header fields too large")
-RESPONSE_400_VERSION = raw_response(400, "Bad Request", "a WebSocket upgrade needs HTTP/1.1")
-RESPONSE_400_BARE_LF = raw_response(400, "Bad Request", "request lines must end with CRLF")
+REFUSE_431 = (431, raw_response(431, "request header fields too large"))
+REFUSE_400_VERSION = (400, raw_response(400, "a WebSocket upgrade needs HTTP/1.1"))
+REFUSE_400_BARE_LF = (400, raw_response(400, "request lines must end with CRLF"))
 
 
 class GuardedStream(trio.abc.Stream):
@@ -73,8 +75,8 @@ class GuardedStream(trio.abc.Stream):
     ) -> None:
         self._stream = stream
         self.gone = False
-        #: The raw answer the request head earned (431, 400) before any parser saw it.
-        self.refusal: bytes | None = None
+        #: The status and raw answer the request head earned (431, 400) before any parser saw it.
+        self.refusal: tuple[int, bytes] | None = None
         self._watcher: trio.CancelScope | None = None
         self._head_seen = 0
         self._head_lines = 0
@@ -137,20 +139,20 @@ class GuardedStream(trio.abc.Stream):
         if end >= 0:
             self._head_done = True
         if self._head_seen > self._max_bytes or self._head_lines > self._max_lines + 2:
-            return self._refuse(RESPONSE_431)
+            return self._refuse(REFUSE_431)
         if head_part.count(b"\n") != crlf:
-            return self._refuse(RESPONSE_400_BARE_LF)
+            return self._refuse(REFUSE_400_BARE_LF)
         if self._first_line is not None:
             self._first_line += head_part
             line_end = self._first_line.find(b"\r\n")
             if line_end >= 0:
                 request_line, self._first_line = self._first_line[:line_end], None
                 if not request_line.endswith(HTTP_11):
-                    return self._refuse(RESPONSE_400_VERSION)
+                    return self._refuse(REFUSE_400_VERSION)
         return data
 
-    def _refuse(self, response: bytes) -> bytearray:
-        self.refusal = response
+    def _refuse(self, refusal: tuple[int, bytes]) -> bytearray:
+        self.refusal = refusal
         self._trouble()
         return bytearray()  # the parser sees the stream end; the handshake writes the refusal
 

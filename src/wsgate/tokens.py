@@ -27,6 +27,7 @@ from jwt.utils import base64url_decode, base64url_encode
 
 from .config import HMAC_ALGORITHMS, AuthSettings, KeySettings
 from .errors import ConfigError, Unauthorized
+from .protocol import has_utf8
 
 _KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
     "RS": (rsa.RSAPublicKey,),
@@ -402,13 +403,13 @@ class TokenVerifier:
         if self._issuer is not None and claims.get("iss") != self._issuer:
             raise TokenRejected("wrong issuer")
         subject = claims["sub"]
-        if not isinstance(subject, str) or not subject or len(subject) > 256 or not _has_utf8(subject):
+        if not isinstance(subject, str) or not subject or len(subject) > 256 or not has_utf8(subject):
             raise TokenRejected("claim sub must be a non-empty string")
         tenant = claims.get(self._tenant_claim)
-        if tenant is not None and (not isinstance(tenant, str) or len(tenant) > 256 or not _has_utf8(tenant)):
+        if tenant is not None and (not isinstance(tenant, str) or len(tenant) > 256 or not has_utf8(tenant)):
             raise TokenRejected(f"claim {self._tenant_claim} must be a string")
         jti = claims.get("jti")
-        if jti is not None and (not isinstance(jti, str) or not _has_utf8(jti)):
+        if jti is not None and (not isinstance(jti, str) or not has_utf8(jti)):
             raise TokenRejected("claim jti must be a string")
         return Identity(
             subject=subject,
@@ -432,23 +433,11 @@ def _number_claim(claims: Mapping[str, Any], name: str) -> float | None:
     return number
 
 
-def _has_utf8(text: str) -> bool:
-    """Whether ``text`` can be encoded as UTF-8 (JSON's ``\\ud800`` escapes make strings
-    that cannot). Such a claim could be neither logged, hashed nor sent back."""
-    if text.isascii():
-        return True
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     scope = claims.get("scope", claims.get("scp"))
-    if isinstance(scope, str) and _has_utf8(scope):
+    if isinstance(scope, str) and has_utf8(scope):
         return frozenset(scope.split())
-    if isinstance(scope, list) and all(isinstance(s, str) and _has_utf8(s) for s in scope):
+    if isinstance(scope, list) and all(isinstance(s, str) and has_utf8(s) for s in scope):
         return frozenset(scope)
     if scope is None:
         return frozenset()

@@ -44,6 +44,8 @@ from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 from wsproto.utilities import RemoteProtocolError
 
+from .streams import raw_response
+
 log = logging.getLogger("wsgate.server")
 
 
@@ -62,15 +64,11 @@ class _PlainResponse(Event):
 
 
 def _not_an_upgrade(detail: str) -> _PlainResponse:
-    body = (
+    reason = (
         "this is a WebSocket endpoint: connect with a WebSocket client"
-        f" (the request is not a WebSocket upgrade: {detail})\n"
-    ).encode()
-    head = (
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f" (the request is not a WebSocket upgrade: {detail})"
     )
-    return _PlainResponse(head.encode() + body)
+    return _PlainResponse(raw_response(400, reason))
 
 
 def _with_reason_phrase(data: bytes) -> bytes:

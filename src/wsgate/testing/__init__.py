@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +30,7 @@ from trio_websocket import (
 from ..agent import Agent
 from ..clock import WallClock
 from ..config import Settings, load_settings
+from ..errors import leaves
 from ..server import Gateway, open_gateway
 from ..tokens import mint_token
 from ..wsconn import wrap_client_stream
@@ -123,16 +124,8 @@ class Client:
 
 
 def _unwrap(group: BaseExceptionGroup[Any]) -> BaseException:
-    leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-    return leaves[0] if len(leaves) == 1 else group
-
-
-def _leaves(exc: BaseException) -> Iterable[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
+    errors = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
+    return errors[0] if len(errors) == 1 else group
 
 
 class GatewayHarness:
