@@ -259,7 +259,7 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
 
 
-def _median(values: list[Any]) -> Any:
+def median(values: list[Any]) -> Any:
     """The median of numbers, or of each field of dicts of numbers (latency percentiles)."""
     if isinstance(values[0], dict):
         return {key: statistics.median(v[key] for v in values) for key in values[0]}
@@ -337,10 +337,10 @@ async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
         for server in servers.values():
             server.stop()
     for metric, by in samples.items():
-        results[metric] = {name: _median(values) for name, values in by.items()}
+        results[metric] = {name: median(values) for name, values in by.items()}
     for metric, by_cpu in cpu.items():
         results[f"cpu_us_per_op_{metric.replace('_per_s', '')}"] = {
-            name: _median(values) for name, values in by_cpu.items()
+            name: median(values) for name, values in by_cpu.items()
         }
     results["samples"] = samples
     if not only or any(o in "breaker_decisions_per_s" for o in only):

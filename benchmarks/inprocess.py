@@ -25,9 +25,9 @@ import trio
 import trio.testing
 import trio_websocket
 
+from wsgate.auth.tokens import mint_token
 from wsgate.server import Gateway, open_gateway
 from wsgate.testing import TEST_AUDIENCE, TEST_ISSUER, TEST_SECRET, settings_for_tests
-from wsgate.tokens import mint_token
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 READY = b"session.ready"
@@ -70,7 +70,7 @@ async def _until_eof(stream: trio.abc.Stream) -> None:
         pass
 
 
-async def _handshakes(handler: Handler, count: int, upgrade: bytes) -> None:
+async def handshakes_over(handler: Handler, count: int, upgrade: bytes) -> None:
     for _ in range(count):
         server, client = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
@@ -81,7 +81,7 @@ async def _handshakes(handler: Handler, count: int, upgrade: bytes) -> None:
             await _until_eof(client)
 
 
-async def _messages(
+async def messages_over(
     handler: Handler, batches: int, upgrade: bytes, reply: bytes, batch: int = BATCH
 ) -> float:
     """Process CPU seconds for ``batches`` x ``batch`` pipelined pings, all answered."""
@@ -104,7 +104,7 @@ async def _messages(
     return spent
 
 
-async def _bare(stream: trio.abc.Stream) -> None:
+async def bare_server(stream: trio.abc.Stream) -> None:
     """What ``trio_websocket.serve_websocket`` does per connection, with the bare echo app."""
     async with stream, trio.open_nursery() as nursery:
         request = await trio_websocket.wrap_server_stream(nursery, stream)
@@ -143,23 +143,23 @@ async def bench_gateway() -> AsyncIterator[tuple[Gateway, bytes]]:
         yield gateway, upgrade_request(token)
 
 
-async def _measure(handshakes: int, rounds: int) -> dict[str, dict[str, float]]:
+async def measure(handshakes: int, rounds: int) -> dict[str, dict[str, float]]:
     async with bench_gateway() as (gateway, upgrade):
         sides: dict[str, tuple[Handler, bytes]] = {
             "wsgate": (gateway.connections.handle_stream, b'"pong"'),
-            "bare trio-websocket": (_bare, b'"ping"'),
+            "bare trio-websocket": (bare_server, b'"ping"'),
         }
         per_handshake: dict[str, list[float]] = {name: [] for name in sides}
         per_message: dict[str, list[float]] = {name: [] for name in sides}
         for handler, _ in sides.values():
-            await _handshakes(handler, 50, upgrade)  # warm up
+            await handshakes_over(handler, 50, upgrade)  # warm up
         for _ in range(rounds):
             for name, (handler, reply) in sides.items():
                 start = time.process_time()
-                await _handshakes(handler, handshakes, upgrade)
+                await handshakes_over(handler, handshakes, upgrade)
                 per_handshake[name].append((time.process_time() - start) / handshakes * 1e6)
                 batches = handshakes // 10
-                spent = await _messages(handler, batches, upgrade, reply)
+                spent = await messages_over(handler, batches, upgrade, reply)
                 per_message[name].append(spent / (batches * BATCH) * 1e6)
     return {
         "inproc_cpu_us_per_handshake": {n: statistics.median(v) for n, v in per_handshake.items()},
@@ -171,5 +171,5 @@ def measure_inprocess(quick: bool) -> dict[str, dict[str, float]]:
     """Median process CPU microseconds per handshake and per message, for each side."""
     handshakes, rounds = (300, 3) if quick else (1000, 5)
     print(f"  in-process: {rounds} interleaved rounds of {handshakes} handshakes each", flush=True)
-    result: dict[str, dict[str, float]] = trio.run(_measure, handshakes, rounds)
+    result: dict[str, dict[str, float]] = trio.run(measure, handshakes, rounds)
     return result

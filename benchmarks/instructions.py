@@ -26,20 +26,20 @@ import sys
 
 import trio
 
-from benchmarks.inprocess import BATCH, _bare, _handshakes, _messages, bench_gateway
+from benchmarks.inprocess import BATCH, bare_server, bench_gateway, handshakes_over, messages_over
 
 SIDES = ("wsgate", "bare trio-websocket")
 
 
 async def _run(side: str, what: str, count: int) -> None:
     async with bench_gateway() as (gateway, upgrade):
-        handler = gateway.connections.handle_stream if side == "wsgate" else _bare
-        await _handshakes(handler, 50, upgrade)  # warm-up, in both runs
+        handler = gateway.connections.handle_stream if side == "wsgate" else bare_server
+        await handshakes_over(handler, 50, upgrade)  # warm-up, in both runs
         if what == "handshakes":
-            await _handshakes(handler, count, upgrade)
+            await handshakes_over(handler, count, upgrade)
         else:
             reply = b'"pong"' if side == "wsgate" else b'"ping"'
-            await _messages(handler, count, upgrade, reply, BATCH if what == "pipelined" else 1)
+            await messages_over(handler, count, upgrade, reply, BATCH if what == "pipelined" else 1)
 
 
 def total_instructions(cachegrind_output: str) -> int:

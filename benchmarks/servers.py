@@ -22,7 +22,7 @@ import websockets
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from wsgate.tokens import mint_token
+from wsgate.auth.tokens import mint_token
 
 SECRET = "benchmark-secret-hs256-0123456789abcdef"
 ISSUER, AUDIENCE = "bench", "wsgate"

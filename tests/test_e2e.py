@@ -16,7 +16,7 @@ import pytest
 import websockets
 
 from conftest import Server, start_server, stop
-from wsgate.tokens import mint_token
+from wsgate.auth.tokens import mint_token
 
 AGENT_EVENTS = ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"]
 

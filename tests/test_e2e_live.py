@@ -13,7 +13,7 @@ import websockets
 from websockets.typing import Subprotocol
 
 from conftest import Server, recv, start_server, stop
-from wsgate.tokens import mint_token
+from wsgate.auth.tokens import mint_token
 
 
 class DevServer:

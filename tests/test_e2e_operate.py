@@ -13,7 +13,7 @@ import httpx
 import websockets
 
 from conftest import start_server, stop
-from wsgate.tokens import mint_token
+from wsgate.auth.tokens import mint_token
 
 
 def metric(text: str, name: str, **labels: str) -> float:

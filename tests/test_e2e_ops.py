@@ -15,7 +15,7 @@ import pytest
 import websockets
 
 from conftest import Server, recv, start_server, stop
-from wsgate.tokens import mint_token
+from wsgate.auth.tokens import mint_token
 
 API_KEY = "an-admin-api-key-for-tests"
 

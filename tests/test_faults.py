@@ -27,20 +27,20 @@ from conftest import gateway_state
 from wsgate.testing import GatewayHarness, open_harness, settings_for_tests
 
 SERVER_MODULES = (
-    "wsgate.auth",
+    "wsgate.auth.authenticator",
     "wsgate.connection",
     "wsgate.handshake",
-    "wsgate.lifecycle",
-    "wsgate.outbound",
-    "wsgate.policy",
+    "wsgate.session.lifecycle",
+    "wsgate.session.outbound",
+    "wsgate.auth.policy",
     "wsgate.protocol",
     "wsgate.ratelimit",
     "wsgate.registry",
     "wsgate.server",
     "wsgate.session",
-    "wsgate.sources",
+    "wsgate.auth.sources",
     "wsgate.streams",
-    "wsgate.tokens",
+    "wsgate.auth.tokens",
     "wsgate.wsconn",
 )
 #: What gives a lease or a pending place back, and the shell around the connection's own

@@ -707,7 +707,7 @@ LEAKY_WSGATE = (
     sys.executable,
     "-c",
     "import logging, sys\n"
-    "import wsgate.auth as auth\n"
+    "import wsgate.auth.authenticator as auth\n"
     "original = auth.Authenticator.authenticate\n"
     "async def leaky(self, token, source):\n"
     "    logging.getLogger('wsgate.auth').warning('LEAK %s', token)\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wsgate.lifecycle import Action, LifecycleConfig, TokenLifecycle
+from wsgate.session.lifecycle import Action, LifecycleConfig, TokenLifecycle
 
 T0 = 1_000_000.0
 

@@ -10,7 +10,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsgate.outbound import OutboundQueue
+from wsgate.session.outbound import OutboundQueue
 
 
 @given(st.lists(st.one_of(st.text(max_size=5), st.none()), max_size=400))

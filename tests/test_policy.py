@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from wsgate.policy import Level, ServiceAnswer, Verdict, Verification, calls_service, decide
+from wsgate.auth.policy import Level, ServiceAnswer, Verdict, Verification, calls_service, decide
 
 V, F, N = Verification.VERIFIED, Verification.FAILED, Verification.NO_TOKEN
 ACTIVE, INACTIVE, DOWN, REFUSED, NOT_CALLED = (

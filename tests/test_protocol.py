@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wsgate.agent import Emit, RunContext
+from wsgate.auth.sources import extract_credentials
+from wsgate.auth.tokens import TokenSource
 from wsgate.errors import BadRequest
 from wsgate.protocol import ProtocolError, UserMessage, encode, parse_client_message
-from wsgate.sources import extract_credentials
 from wsgate.testing import open_harness
-from wsgate.tokens import TokenSource
 
 
 def test_header_and_subprotocol_sources() -> None:

@@ -83,7 +83,7 @@ async def test_a_refusal_is_a_configuration_problem_not_an_outage(
     the operator, /readyz and /metrics say so, and the breaker never opens."""
     fake = FakeAuthService()
     fake.mode = "refuse"
-    caplog.set_level(logging.ERROR, logger="wsgate.introspection")
+    caplog.set_level(logging.ERROR, logger="wsgate.auth.introspection")
     async with gateway(fake, "strict", **{"auth.negative_cache_ttl": 0}) as h:
         for _ in range(30):
             refused = await handshake(h, h.token("alice"))
@@ -99,7 +99,7 @@ async def test_a_refusal_is_a_configuration_problem_not_an_outage(
         fake.mode = "up"  # the operator fixes the secret
         assert status(await handshake(h, h.token("alice"))) == 101
         assert h.gateway.readiness_problems() == ["not listening"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "wsgate.introspection"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "wsgate.auth.introspection"]
     assert len(lines) == 1  # not one per handshake
     assert "HTTP 401 invalid_client: client authentication failed" in lines[0]
     assert "auth.client_secret" in lines[0]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsgate.auth import Revocations
-from wsgate.tokens import Identity, TokenSource
+from wsgate.auth.authenticator import Revocations
+from wsgate.auth.tokens import Identity, TokenSource
 
 SUBJECT_TTL = 50.0
 

@@ -13,7 +13,7 @@ from benchmarks.inprocess import read_until, upgrade_request
 
 from wsgate import CloseCode, RunContext
 from wsgate.agent import Emit
-from wsgate.session import Session
+from wsgate.session import Session, SessionCore
 from wsgate.testing import ConnectionRejected, GatewayHarness, open_harness, settings_for_tests
 
 AGENT_EVENTS = ["agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"]
@@ -166,14 +166,14 @@ async def test_endless_malformed_messages_close_with_4400(autojump_clock: trio.t
 async def test_a_crashing_session_closes_alone_with_1011(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = Session._dispatch
+    original = SessionCore.receive
 
-    async def dispatch(self: Session, message: Any, nursery: trio.Nursery) -> None:
+    def receive(self: SessionCore, raw: str | bytes, now: float) -> Any:
         if self.identity.subject == "crasher":
             raise RuntimeError("bug in a handler")
-        await original(self, message, nursery)
+        return original(self, raw, now)
 
-    monkeypatch.setattr(Session, "_dispatch", dispatch)
+    monkeypatch.setattr(SessionCore, "receive", receive)
     async with open_harness() as h, h.connect(h.token("bystander")) as bystander:
         await bystander.receive_json()
         await bystander.send_json({"type": "user_message", "text": "during the crash"})
@@ -275,7 +275,7 @@ async def test_a_client_close_mid_run_cancels_the_run(autojump_clock: trio.testi
         assert session.close_code == CloseCode.NORMAL
         assert session._nursery is not None
         assert session._nursery.cancel_scope.cancel_called
-        assert session._runs == {}
+        assert session._scopes == {}
         assert h.gateway.stats["close.1000"] == 1
 
 

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jwt.api_jws import PyJWS
 
-from wsgate import tokens
+from wsgate.auth import tokens
+from wsgate.auth.tokens import _JWS, TokenRejected, TokenSource, TokenVerifier, VerificationKey, load_keys
 from wsgate.config import AuthSettings, KeySettings
 from wsgate.errors import ConfigError
-from wsgate.tokens import _JWS, TokenRejected, TokenSource, TokenVerifier, VerificationKey, load_keys
 
 SECRET = b"s" * 64
 NOW = 1_800_000_000.0

@@ -135,7 +135,7 @@ def test_the_privates_we_rely_on_are_where_we_use_them() -> None:
     from wsproto.connection import Connection
     from wsproto.frame_protocol import FrameDecoder, FrameProtocol
 
-    from wsgate.tokens import _JWS, _JWT
+    from wsgate.auth.tokens import _JWS, _JWT
 
     for name in ("_reader_task", "_get_request", "_send", "_open_handshake"):
         assert hasattr(WebSocketConnection, name) or name in inspect.getsource(

@@ -1,6 +1,7 @@
 """wsgate: an authenticating WebSocket gateway for AI-agent products, on Trio."""
 
 from .agent import Agent, DemoAgent, Emit, NoopAgent, RunContext
+from .auth.tokens import Identity, TokenRejected, TokenSource, TokenVerifier, VerificationKey
 from .config import Settings, load_settings
 from .errors import (
     BadRequest,
@@ -14,7 +15,6 @@ from .errors import (
 )
 from .server import Admission, Gateway, WallClock, open_gateway, serve
 from .session import Session
-from .tokens import Identity, TokenRejected, TokenSource, TokenVerifier, VerificationKey
 
 __version__ = "0.1.0"
 

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .auth.devkey import DevTokens
 from .httpserver import Request, Response
 from .metrics import Metrics
 from .protocol import loads_strict
@@ -25,16 +26,12 @@ from .protocol import loads_strict
 class Operated(Protocol):
     """What the admin listener asks of the gateway (``Gateway`` is one)."""
 
-    dev_secret: bytes | None
+    dev_tokens: DevTokens | None
     metrics: Metrics
 
     def readiness_problems(self) -> list[str]: ...
 
     def public_url(self) -> str: ...
-
-    def mint_dev_token(
-        self, subject: str, ttl: float = ..., scopes: tuple[str, ...] = ..., **claims: Any
-    ) -> str: ...
 
     async def check_token(self, token: str) -> dict[str, Any]: ...
 
@@ -70,12 +67,13 @@ class AdminApp:
             return Response(200, DEMO_PAGE, content_type="text/html; charset=utf-8")
         if path == "/demo/config" and request.method == "GET":
             return _json(
-                200, {"url": self._gateway.public_url(), "dev": self._gateway.dev_secret is not None}
+                200, {"url": self._gateway.public_url(), "dev": self._gateway.dev_tokens is not None}
             )
         if path == "/demo/token" and request.method == "POST":
-            if self._gateway.dev_secret is None:
+            dev_tokens = self._gateway.dev_tokens
+            if dev_tokens is None:
                 return _json(404, {"error": "dev tokens exist only in dev mode"})
-            return self._demo_token(request)
+            return self._demo_token(dev_tokens, request)
         if path == "/auth/check" and request.method == "POST":
             return await self._check(request)
         if path == "/metrics" and request.method == "GET":
@@ -98,7 +96,7 @@ class AdminApp:
         except RecursionError:
             return _json(400, {"error": "JSON nested too deeply"})
 
-    def _demo_token(self, request: Request) -> Response:
+    def _demo_token(self, dev_tokens: DevTokens, request: Request) -> Response:
         """A dev token for ``{"sub", "tenant"}`` in the body (default: a demo user)."""
         try:
             body = loads_strict(request.body.decode() or "{}")
@@ -109,7 +107,7 @@ class AdminApp:
         if not isinstance(subject, str) or not subject or len(subject) > 256:
             subject = "demo-user"
         claims: dict[str, Any] = {"tenant": tenant} if isinstance(tenant, str) and tenant else {}
-        return _json(200, {"token": self._gateway.mint_dev_token(subject, ttl=300, **claims)})
+        return _json(200, {"token": dev_tokens.mint(subject, ttl=300, **claims)})
 
     async def _check(self, request: Request) -> Response:
         """Whether the token in ``Authorization: Bearer`` would be admitted now, and if not,

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from .tokens import Identity
+from .auth.tokens import Identity
 
 
 class Emit(Protocol):

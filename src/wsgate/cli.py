@@ -17,12 +17,12 @@ from typing import Any
 import trio
 
 from . import __version__
+from .auth.devkey import dev_key_path, load_dev_secret
+from .auth.tokens import mint_token
 from .config import Settings, load_settings, to_toml
-from .devkey import dev_key_path, load_dev_secret
 from .errors import ConfigError, StartupError, leaves
 from .log import configure_logging
 from .server import Gateway, serve
-from .tokens import mint_token
 
 BANNER = "=" * 72
 log = logging.getLogger("wsgate.cli")
@@ -181,11 +181,11 @@ def _print_banner(gateway: Gateway) -> None:
     if gateway.admin_port is not None:
         admin = f"http://{settings.admin.host}:{gateway.admin_port}"
         lines.append(f"admin listener on {admin} (demo page: {admin}/demo)")
-    if gateway.dev_secret is not None:
-        token = gateway.mint_dev_token("alice", ttl=3600)
+    if gateway.dev_tokens is not None:
+        token = gateway.dev_tokens.mint("alice", ttl=3600)
         lines = [
             BANNER,
-            f"  DEV MODE: tokens are signed with the dev key at {gateway.dev_key_path}",
+            f"  DEV MODE: tokens are signed with the dev key at {gateway.dev_tokens.path}",
             "  (wsgate token uses the same one, from any directory). Not for production.",
             BANNER,
             *lines,

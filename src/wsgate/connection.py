@@ -19,18 +19,19 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from .auth import Authenticated, Authenticator
+from .auth.authenticator import Authenticator
+from .auth.sources import extract_credentials
+from .auth.tokens import TokenSource
 from .config import Settings
 from .errors import BadRequest, CloseCode, Forbidden, GatewayError, NotFound, TooManyRequests, Unavailable
 from .handshake import Admission, Pending, reject_headers
 from .metrics import Metrics
-from .protocol import Auth, ProtocolError, encode, numbered, parse_client_message
+from .protocol import Auth, ProtocolError, numbered, parse_client_message
 from .ratelimit import PendingHandshake, PendingHandshakes, RateLimiter
 from .registry import Lease, LeaseHolder, Registry
-from .session import Session
-from .sources import extract_credentials
+from .session.messages import Error, encode_message
+from .session.sessions import Sessions
 from .streams import GuardedStream, peer_address, raw_response, refuse_raw
-from .tokens import TokenSource
 from .wsconn import wrap_server_stream
 
 
@@ -44,9 +45,7 @@ class Admitting(Protocol):
     auth: Authenticator
     draining: bool
 
-    def admission(self, result: Authenticated, subprotocol: str | None, token: str | None) -> Admission: ...
-
-    def new_session(self, ws: WebSocketConnection, admission: Admission) -> Session: ...
+    sessions: Sessions
 
 
 log = logging.getLogger("wsgate.server")
@@ -97,7 +96,7 @@ class ConnectionServer:
             if self._gateway.settings.agent.name == "echo":
                 await _echo(ws)
                 return
-            session = self._gateway.new_session(ws, admission)
+            session = self._gateway.sessions.new(ws, admission)
             lease.attach(session)
             if log.isEnabledFor(logging.INFO):  # the subject's hash is not free: only when logged
                 log.info(
@@ -260,7 +259,7 @@ class ConnectionServer:
         try:
             with trio.fail_after(auth.deadline + 1):
                 result = await self._gateway.auth.authenticate(message.token, TokenSource.FIRST_MESSAGE)
-            admission = self._gateway.admission(result, ws.subprotocol, message.token)
+            admission = self._gateway.sessions.admission(result, ws.subprotocol, message.token)
             lease = leases.take(self._gateway.registry.lease(result.identity.user_key))
         except GatewayError as error:
             await self._refuse_open(ws, error.close_code, error.reason, f"first_message.{error.status}")
@@ -281,9 +280,7 @@ class ConnectionServer:
         with trio.move_on_after(self._gateway.settings.server.close_timeout) as cleanup:
             cleanup.shield = True
             with contextlib.suppress(ConnectionClosed):
-                await ws.send_message(
-                    numbered(encode({"type": "error", "code": "auth_failed", "message": reason}), 1)
-                )
+                await ws.send_message(numbered(encode_message(Error("auth_failed", reason)), 1))
             await ws.aclose(int(code), reason)
 
     async def admit(self, request: WebSocketRequest, *, peer: str = "local") -> Admission | Pending:
@@ -312,7 +309,7 @@ class ConnectionServer:
         if credentials.token is None and auth.first_message:
             return Pending(credentials.subprotocol)
         result = await self._gateway.auth.authenticate(credentials.token, credentials.source)
-        return self._gateway.admission(result, credentials.subprotocol, credentials.token)
+        return self._gateway.sessions.admission(result, credentials.subprotocol, credentials.token)
 
 
 def _check_request_headers(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -6,8 +6,8 @@ import math
 
 import attrs
 
+from .auth.tokens import Identity
 from .errors import GatewayError, Unauthorized
-from .tokens import Identity
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .auth import Authenticator
+from .auth.authenticator import Authenticator
 from .breaker import BreakerState
 from .breaker_actor import BreakerActor
 from .registry import Registry

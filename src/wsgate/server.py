@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import secrets
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,28 +16,27 @@ from typing import Any
 import attrs
 import httpx
 import trio
-from trio_websocket import WebSocketConnection
 
 from .admin import AdminApp
 from .agent import Agent, builtin_agent
-from .auth import Authenticated, Authenticator
+from .auth.authenticator import Authenticator
+from .auth.devkey import DevTokens, dev_key_path, load_dev_secret
+from .auth.introspection import IntrospectionClient
+from .auth.jwks import KeySetSource
+from .auth.policy import Level
+from .auth.tokens import TokenSource, TokenVerifier, load_keys
 from .breaker import BreakerConfig, CircuitBreaker
 from .breaker_actor import BreakerActor
 from .clock import WallClock
 from .config import Settings
 from .connection import ConnectionServer
-from .devkey import dev_key_path, load_dev_secret
-from .errors import CloseCode, GatewayError, StartupError, bind_error
+from .errors import GatewayError, StartupError, bind_error
 from .handshake import Admission
 from .httpserver import serve_http
-from .introspection import IntrospectionClient
-from .jwks import KeySetSource
-from .lifecycle import LifecycleConfig, TokenLifecycle
 from .metrics import Metrics, Stats
-from .policy import Level, ServiceAnswer
 from .registry import Registry
-from .session import Session
-from .tokens import TokenSource, TokenVerifier, load_keys, mint_token
+from .session.messages import Pushed
+from .session.sessions import Sessions
 
 __all__ = ["Admission", "Gateway", "WallClock", "open_gateway", "serve"]
 
@@ -62,9 +60,15 @@ class Gateway:
         self.settings = settings
         self._nursery = nursery
         self.clock = clock or WallClock()
-        #: Where the dev key is (dev mode only).
-        self.dev_key_path = dev_key_path(settings.dev.key_file) if settings.dev_mode else None
-        self.dev_secret = load_dev_secret(self.dev_key_path) if self.dev_key_path is not None else None
+        dev_secret = None
+        #: Mints tokens this gateway accepts (dev mode only).
+        self.dev_tokens: DevTokens | None = None
+        if settings.dev_mode:
+            path = dev_key_path(settings.dev.key_file)
+            dev_secret = load_dev_secret(path)
+            self.dev_tokens = DevTokens(
+                dev_secret, path, settings.dev.issuer, settings.dev.audience, self.clock.now
+            )
         auth = settings.auth
         if settings.dev_mode:
             auth = attrs.evolve(
@@ -73,20 +77,11 @@ class Gateway:
                 audience=auth.audience or settings.dev.audience,
             )
         if verifier is None:
-            verifier = TokenVerifier.from_settings(auth, load_keys(auth, self.dev_secret))
+            verifier = TokenVerifier.from_settings(auth, load_keys(auth, dev_secret))
         self.verifier = verifier
         self.agent = agent or builtin_agent(settings.agent.name, settings.agent.step_delay)
         self.registry = Registry(
             per_user=settings.server.max_connections_per_user, total=settings.server.max_connections
-        )
-        # Shared by every session: indexed by whether the session keeps its token for re-checks.
-        self._lifecycles = tuple(
-            LifecycleConfig(
-                refresh_ahead=auth.refresh_ahead,
-                grace=auth.expiry_grace,
-                revalidate_interval=auth.revalidate_interval if rechecked else None,
-            )
-            for rechecked in (False, True)
         )
         self.stats: Counter[str] = Stats()
         self.addresses: list[tuple[str, int]] = []
@@ -94,7 +89,6 @@ class Gateway:
         self.draining = False
         self._rng = rng or random.Random()
         self.metrics = Metrics()
-        self.connections = ConnectionServer(self)
         # BreakerSettings (validated configuration) and BreakerConfig (the pure machine's) share field names.
         self.breaker = BreakerActor(
             CircuitBreaker(BreakerConfig(**settings.breaker.for_calls(auth.call_timeout)))
@@ -125,6 +119,8 @@ class Gateway:
             key_set=key_set,
             anonymous_ttl=auth.anonymous_ttl,
         )
+        self.sessions = Sessions(settings, self.agent, self.auth, self.registry, self.clock, self.stats)
+        self.connections = ConnectionServer(self)
         self.metrics.watch(stats=self.stats, sessions=self.registry, auth=self.auth, breaker=self.breaker)
 
     def _discovered(self, introspection_url: str | None, token_url: str | None) -> None:
@@ -159,48 +155,7 @@ class Gateway:
                     "%s: %s; starting not ready, retrying", where, cause, extra={"event": "jwks.failed"}
                 )
         if self.auth.introspection is not None:
-            self._nursery.start_soon(self._revalidate_degraded)
-
-    async def _revalidate_degraded(self) -> None:
-        """Re-check degraded sessions when the breaker changes state, and every ``open_wait``,
-        using at most half of ``breaker.max_concurrent_calls``.
-
-        The re-checks go through the breaker like any call, so while it is open they cost
-        nothing, and they are what probes a recovered service when no handshake does.
-        """
-        transitions = self.breaker.subscribe()
-        # At most half of the breaker's calls in flight: after an outage, new handshakes are
-        # not queued behind the re-checks of every session admitted while it lasted.
-        limiter = trio.CapacityLimiter(max(1, self.settings.breaker.max_concurrent_calls // 2))
-
-        async def recheck(session: Session) -> None:
-            async with limiter:
-                await self.recheck(session)
-
-        while True:
-            with trio.move_on_after(self.settings.breaker.open_wait):
-                await transitions.receive()
-            degraded = [s for s in self.registry.all_sessions() if s.degraded]
-            if degraded:
-                async with trio.open_nursery() as nursery:
-                    for session in degraded:
-                        nursery.start_soon(recheck, session)
-
-    async def recheck(self, session: Session) -> None:
-        """Ask the auth service about a live session again; close it if it is no longer active."""
-        token = session.token
-        if token is None or session.close_code is not None:
-            return
-        answer = await self.auth.recheck(token)
-        if session.token != token:
-            return  # refreshed meanwhile: the new token was checked on its own
-        if answer is ServiceAnswer.INACTIVE:
-            self.stats["recheck.inactive"] += 1
-            session.close(CloseCode.FORBIDDEN, "token revoked")
-        elif answer is ServiceAnswer.ACTIVE and session.degraded:
-            self.stats["recheck.restored"] += 1
-            session.degraded = False
-            session.offer({"type": "session.restored", "degraded": False})
+            self._nursery.start_soon(self.sessions.revalidate_degraded, self.breaker)
 
     async def _stop(self) -> None:
         if self._owns_http and self.http is not None:
@@ -227,51 +182,6 @@ class Gateway:
         """Serve one connection over ``stream``, from the HTTP upgrade to the close (never raises)."""
         await self.connections.handle_stream(stream)
 
-    def admission(self, result: Authenticated, subprotocol: str | None, token: str | None) -> Admission:
-        """What an authenticated token admits. The token itself is kept (in memory only)
-        where the auth service may re-check it, and never for an anonymous session."""
-        kept = token if self.auth.introspection is not None else None
-        return Admission(result.identity, subprotocol, result.degraded, token=kept)
-
-    def new_session(self, ws: WebSocketConnection, admission: Admission) -> Session:
-        identity = admission.identity
-        auth = self.settings.auth
-        lifecycle = TokenLifecycle(
-            self._lifecycles[admission.token is not None],
-            identity.expires_at,
-            identity.issued_at,
-            self.clock.now(),
-        )
-        return Session(
-            f"s-{secrets.token_hex(6)}",
-            ws,
-            identity,
-            self.agent,
-            self.settings.server,
-            hooks=self,
-            lifecycle=lifecycle,
-            stats=self.stats,
-            degraded=admission.degraded,
-            token=admission.token,
-            refresh_limit=(auth.refresh_limit, auth.refresh_window),
-        )
-
-    # -- session hooks --------------------------------------------------------
-
-    def wall_now(self) -> float:
-        return self.clock.now()
-
-    def trio_time(self, wall: float) -> float:
-        return self.clock.to_trio(wall)
-
-    async def refresh(self, token: str) -> Admission:
-        try:
-            result = await self.auth.authenticate(token, TokenSource.REFRESH)
-        except GatewayError as error:
-            self.stats[f"refresh.{error.status}"] += 1
-            raise
-        return self.admission(result, None, token)
-
     # -- operator API -----------------------------------------------------------
 
     def publish(self, subject: str, event: dict[str, Any], *, tenant: str | None = None) -> tuple[int, int]:
@@ -281,7 +191,8 @@ class Gateway:
         queue is full is told it missed events, and closed if it stays full.
         """
         sessions = self.registry.sessions_of((tenant, subject))
-        delivered = sum(session.offer({"type": "event", "event": event}) for session in sessions)
+        message = Pushed(event)
+        delivered = sum(session.offer(message) for session in sessions)
         self.stats["published"] += delivered
         return delivered, len(sessions)
 
@@ -361,24 +272,6 @@ class Gateway:
         except GatewayError as error:
             return {"admitted": False, "status": error.status, "reason": error.reason}
         return {"admitted": True, "status": 101, "reason": "admitted", "degraded": result.degraded}
-
-    def mint_dev_token(
-        self, subject: str, ttl: float = 900.0, scopes: tuple[str, ...] = (), **claims: Any
-    ) -> str:
-        """A token the running dev-mode gateway accepts (with a random ``jti``)."""
-        if self.dev_secret is None:
-            raise RuntimeError("dev tokens exist only in dev mode")
-        return mint_token(
-            self.dev_secret,
-            subject,
-            now=self.clock.now(),
-            ttl=ttl,
-            issuer=self.settings.dev.issuer,
-            audience=self.settings.dev.audience,
-            scopes=scopes,
-            jti=secrets.token_hex(8),
-            **claims,
-        )
 
 
 @asynccontextmanager

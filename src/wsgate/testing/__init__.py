@@ -28,11 +28,11 @@ from trio_websocket import (
 )
 
 from ..agent import Agent
+from ..auth.tokens import mint_token
 from ..clock import WallClock
 from ..config import Settings, load_settings
 from ..errors import leaves
 from ..server import Gateway, open_gateway
-from ..tokens import mint_token
 from ..wsconn import wrap_client_stream
 from .fakeauth import FakeAuthService
 

@@ -26,13 +26,13 @@ import attrs
 import httpx
 import trio
 
-from .breaker import Outcome
-from .breaker_actor import BreakerActor
-from .config import AuthSettings
+from ..breaker import Outcome
+from ..breaker_actor import BreakerActor
+from ..config import AuthSettings
 from .provider import ClientAuth, ProviderFailed, ProviderRefused, json_answer
 from .tokens import finite_number
 
-log = logging.getLogger("wsgate.introspection")
+log = logging.getLogger("wsgate.auth.introspection")
 
 
 @attrs.frozen

@@ -28,10 +28,10 @@ import httpx
 import jwt
 import trio
 
-from .config import AuthSettings
+from ..config import AuthSettings
 from .tokens import VerificationKey
 
-log = logging.getLogger("wsgate.jwks")
+log = logging.getLogger("wsgate.auth.jwks")
 
 
 class KeySetError(Exception):

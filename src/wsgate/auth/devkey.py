@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .tokens import mint_token
 
 
 def dev_key_path(key_file: str | None, env: Mapping[str, str] | None = None) -> Path:
@@ -39,3 +44,28 @@ def load_dev_secret(path: str | os.PathLike[str]) -> bytes:
     if len(secret) < 32:
         raise ValueError(f"dev.key_file: {key_path} holds a key shorter than 32 bytes")
     return secret
+
+
+@attrs.frozen
+class DevTokens:
+    """Mints tokens that a dev-mode gateway accepts, signed with its dev key."""
+
+    secret: bytes = attrs.field(repr=False)
+    path: Path
+    issuer: str
+    audience: str
+    now: Callable[[], float]
+
+    def mint(self, subject: str, ttl: float = 900.0, scopes: tuple[str, ...] = (), **claims: Any) -> str:
+        """A token for ``subject`` (with a random ``jti``)."""
+        return mint_token(
+            self.secret,
+            subject,
+            now=self.now(),
+            ttl=ttl,
+            issuer=self.issuer,
+            audience=self.audience,
+            scopes=scopes,
+            jti=secrets.token_hex(8),
+            **claims,
+        )

@@ -28,7 +28,7 @@ from urllib.parse import quote_plus
 import httpx
 import trio
 
-from .config import AuthSettings
+from ..config import AuthSettings
 
 
 class ProviderFailed(Exception):

@@ -25,9 +25,9 @@ from jwt.algorithms import HMACAlgorithm
 from jwt.api_jws import PyJWS
 from jwt.utils import base64url_decode, base64url_encode
 
-from .config import HMAC_ALGORITHMS, AuthSettings, KeySettings
-from .errors import ConfigError, Unauthorized
-from .protocol import has_utf8
+from ..config import HMAC_ALGORITHMS, AuthSettings, KeySettings
+from ..errors import ConfigError, Unauthorized
+from ..protocol import has_utf8
 
 _KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
     "RS": (rsa.RSAPublicKey,),

@@ -14,8 +14,8 @@ from collections import Counter
 
 import attrs
 
-from .clock import WallClock
-from .errors import Forbidden, Unauthorized, Unavailable
+from ..clock import WallClock
+from ..errors import Forbidden, Unauthorized, Unavailable
 from .introspection import IntrospectionClient, ServiceRefused, ServiceUnavailable, TokenInfo
 from .jwks import KeySetSource
 from .policy import Level, ServiceAnswer, Verdict, Verification, calls_service, decide

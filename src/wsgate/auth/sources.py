@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import attrs
 
-from .errors import BadRequest
+from ..errors import BadRequest
 from .tokens import TokenSource
 
 PROTOCOL = "wsgate.v1"

@@ -1,0 +1,6 @@
+"""A session: its rules (:mod:`.core`, sans-IO), its messages, and the Trio shell that runs it."""
+
+from .core import Rules, SessionCore
+from .shell import Session, SessionServices
+
+__all__ = ["Rules", "Session", "SessionCore", "SessionServices"]

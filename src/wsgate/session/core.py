@@ -1,0 +1,459 @@
+"""A session's rules as a plain object, in the manner of h11: events in, effects out.
+
+:class:`SessionCore` holds what a session is (its identity, token lifecycle,
+runs and message numbering) and decides everything that happens to it. It
+does no I/O and reads no clock: each event is a method call given the current
+time, and each returns the effects for the Trio shell
+(:class:`wsgate.session.Session`) to carry out: text to queue, a run to start
+or cancel, a refresh to verify, a ping to send, a re-check to make, or the
+session's close.
+
+A session ends one way: :meth:`SessionCore.end` records the first
+:class:`Close` and returns it; after that the core takes no event but the ones
+of runs still winding down. Whether queued messages are still flushed before
+the close frame is part of the close (``flush``): not when the socket is gone
+or stuck.
+
+The core never holds the socket, so the same object can outlive one connection.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from ..auth.tokens import Identity
+from ..config import Settings
+from ..errors import CloseCode
+from ..handshake import Admission
+from ..protocol import (
+    AGENT_EVENTS,
+    Auth,
+    AuthRefresh,
+    Ping,
+    ProtocolError,
+    RunCancel,
+    UserMessage,
+    numbered,
+    parse_client_message,
+)
+from ..ratelimit import TokenBucket
+from .lifecycle import Action, TokenLifecycle
+from .messages import (
+    RESERVED_FIELDS,
+    AgentEvent,
+    AuthExpiring,
+    AuthRefreshed,
+    Draining,
+    Error,
+    Ready,
+    Restored,
+    ServerMessage,
+    encode_message,
+    encode_pong,
+)
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    DRAINING = "draining"  # no new runs; closes (1001) once the last run has ended
+    CLOSED = "closed"  # the close is decided; runs still running are being cancelled
+
+
+@attrs.frozen
+class Rules:
+    """The limits every session of a gateway shares (made once, from the settings)."""
+
+    heartbeat_interval: float = 20.0
+    max_runs: int = 4
+    max_json_depth: int = 16
+    message_rate: float = 20.0
+    message_burst: int = 40
+    refresh_limit: int = 10
+    refresh_window: float = 60.0
+    max_protocol_errors: int = 20
+
+    @classmethod
+    def of(cls, settings: Settings) -> Rules:
+        server, auth = settings.server, settings.auth
+        return cls(
+            heartbeat_interval=server.heartbeat_interval,
+            max_runs=server.max_runs_per_session,
+            max_json_depth=server.max_json_depth,
+            message_rate=server.message_rate,
+            message_burst=server.message_burst,
+            refresh_limit=auth.refresh_limit,
+            refresh_window=auth.refresh_window,
+        )
+
+
+# -- effects: what the shell is told to do ---------------------------------------
+
+
+@attrs.frozen
+class Send:
+    """Queue this text (an encoded server message), waiting while the queue is full."""
+
+    text: str
+
+
+@attrs.frozen
+class StartRun:
+    run_id: str
+    message: UserMessage
+
+
+@attrs.frozen
+class CancelRun:
+    run_id: str
+
+
+@attrs.frozen
+class Refresh:
+    """Verify this token; answer with :meth:`SessionCore.refreshed` or ``refresh_failed``."""
+
+    token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Close:
+    """The session ends with ``code``. ``flush``: what is queued is still written first."""
+
+    code: CloseCode
+    reason: str
+    flush: bool = True
+
+
+class _Signal(enum.Enum):
+    START_PING = "start ping"  # send one ping; answer with pong() or ping_timeout()
+    RECHECK = "recheck"  # ask the auth service about the session's token again
+
+
+START_PING = _Signal.START_PING
+RECHECK = _Signal.RECHECK
+
+Effect = Send | StartRun | CancelRun | Refresh | Close | _Signal
+
+
+class _Run:
+    __slots__ = ("completed", "message_id")
+
+    def __init__(self, message_id: str | None) -> None:
+        self.message_id = message_id
+        self.completed = False
+
+
+class SessionCore:
+    """The state and rules of one session. Times: ``now`` is the monotonic clock the rate
+    limits and the heartbeat use, ``wall`` epoch seconds like the token's ``exp``."""
+
+    __slots__ = (
+        "_dropped",
+        "_last_run",
+        "_message_rate",
+        "_ping_at",
+        "_protocol_errors",
+        "_reconnect_after",
+        "_refresh_times",
+        "_rules",
+        "_runs",
+        "_seq",
+        "closing",
+        "degraded",
+        "id",
+        "identity",
+        "lifecycle",
+        "state",
+        "stats",
+        "token",
+    )
+
+    def __init__(
+        self,
+        session_id: str,
+        admission: Admission,
+        lifecycle: TokenLifecycle,
+        rules: Rules,
+        *,
+        now: float,
+        stats: Counter[str] | None = None,
+    ) -> None:
+        self.id = session_id
+        self.identity: Identity = admission.identity
+        self.degraded = admission.degraded
+        #: The current token, kept only where the auth service may re-check it.
+        self.token = admission.token
+        self.lifecycle = lifecycle
+        self.stats: Counter[str] = stats if stats is not None else Counter()
+        self.state = State.OPEN
+        self.closing: Close | None = None
+        self._rules = rules
+        self._message_rate = TokenBucket(rules.message_rate, rules.message_burst, now)
+        # When the next ping is due; None: no heartbeat, or a ping in flight.
+        self._ping_at: float | None = now + rules.heartbeat_interval if rules.heartbeat_interval > 0 else None
+        self._refresh_times: deque[float] | None = None  # made on the first refresh: most never do
+        self._protocol_errors = 0
+        self._dropped = 0
+        self._reconnect_after = 0.0
+        self._runs: dict[str, _Run] = {}
+        self._last_run = 0
+        self._seq = 0
+
+    # -- ending ------------------------------------------------------------------
+
+    def end(self, code: CloseCode, reason: str, *, flush: bool = True) -> Close | None:
+        """The one way a session ends: the first close decided wins; None after that."""
+        if self.closing is not None:
+            return None
+        self.state = State.CLOSED
+        self.closing = Close(code, reason, flush)
+        if self.token is not None:
+            self.token = None  # nothing re-checks a closing session
+        return self.closing
+
+    def socket_closed(self, *, dropped: bool) -> Close | None:
+        """The client closed (1000), or its connection dropped with no close frame (1006)."""
+        if dropped:
+            return self.end(CloseCode.ABNORMAL_CLOSURE, "connection dropped (no close frame)", flush=False)
+        return self.end(CloseCode.NORMAL, "client closed", flush=False)
+
+    def idle(self) -> Close | None:
+        return self.end(CloseCode.NORMAL, "idle timeout")
+
+    def slow_consumer(self, *, stuck: bool = False) -> Close | None:
+        """The queue stayed full for ``slow_consumer_timeout``, or (``stuck``) a write did not
+        finish within it: 1008. A stuck stream takes no more writes."""
+        if not stuck:
+            self.stats["send.slow_consumer_closed"] += 1
+        return self.end(CloseCode.POLICY_VIOLATION, "slow consumer", flush=not stuck)
+
+    def ping_timeout(self) -> Close | None:
+        return self.end(CloseCode.GOING_AWAY, "ping timeout", flush=False)
+
+    def revoked(self) -> Close | None:
+        return self.end(CloseCode.FORBIDDEN, "token revoked")
+
+    def failed(self) -> Close | None:
+        """A bug in the gateway: 1011, and nothing more is written."""
+        return self.end(CloseCode.INTERNAL_ERROR, "internal error", flush=False)
+
+    # -- messages ----------------------------------------------------------------
+
+    def ready(self) -> str:
+        identity = self.identity
+        return encode_message(
+            Ready(
+                self.id,
+                identity.subject,
+                identity.tenant,
+                sorted(identity.scopes),
+                identity.expires_at,
+                self.degraded,
+                identity.anonymous,
+            )
+        )
+
+    def number(self, texts: list[str]) -> list[str]:
+        """Give each message its ``seq`` as it is written: gaps never appear on the wire."""
+        seq = self._seq
+        frames = [numbered(text, seq := seq + 1) for text in texts]
+        self._seq = seq
+        return frames
+
+    @property
+    def seq(self) -> int:
+        """The number of the last message written."""
+        return self._seq
+
+    # -- client messages ---------------------------------------------------------
+
+    def receive(self, raw: str | bytes, now: float) -> Effect | None:
+        """One client frame. At most one effect; a close ends the reading."""
+        if self.closing is not None:
+            return None
+        if not self._message_rate.take(now):
+            return self.end(CloseCode.RATE_LIMITED, "message rate exceeded")
+        try:
+            message = parse_client_message(raw, max_depth=self._rules.max_json_depth)
+        except ProtocolError as exc:
+            self._protocol_errors += 1
+            if self._protocol_errors > self._rules.max_protocol_errors:
+                return self.end(CloseCode.MALFORMED_MESSAGE, "too many malformed messages")
+            return self._error(exc.code, exc.reason)
+        if isinstance(message, Ping):
+            return Send(encode_pong(message.id))
+        if isinstance(message, UserMessage):
+            return self._start_run(message)
+        if isinstance(message, RunCancel):
+            if message.run_id not in self._runs:
+                return self._error("unknown_run", f"no active run '{message.run_id}'")
+            return CancelRun(message.run_id)
+        if isinstance(message, AuthRefresh):
+            if self._refresh_rate_exceeded(now):
+                return self.end(CloseCode.RATE_LIMITED, "too many token refreshes")
+            return Refresh(message.token)
+        assert isinstance(message, Auth)
+        return self._error("already_authenticated", "this connection is already authenticated")
+
+    def _error(self, code: str, reason: str) -> Send:
+        return Send(encode_message(Error(code, reason)))
+
+    def _refresh_rate_exceeded(self, now: float) -> bool:
+        times = self._refresh_times
+        if times is None:
+            times = self._refresh_times = deque()
+        while times and times[0] <= now - self._rules.refresh_window:
+            times.popleft()
+        times.append(now)
+        return len(times) > self._rules.refresh_limit
+
+    def _start_run(self, message: UserMessage) -> Effect:
+        if self.state is State.DRAINING:
+            return self._error("draining", "the server is draining; reconnect to start new runs")
+        if len(self._runs) >= self._rules.max_runs:
+            return self._error("too_many_runs", "too many runs in progress on this connection")
+        self._last_run += 1
+        run_id = f"r{self._last_run}"
+        self._runs[run_id] = _Run(message.id)
+        return StartRun(run_id, message)
+
+    # -- refreshes ---------------------------------------------------------------
+
+    def refreshed(self, admission: Admission, wall: float) -> Effect | None:
+        """A refresh verified and admitted at ``wall``: accepted, or the session ends."""
+        if self.closing is not None:
+            return None
+        identity = admission.identity
+        if identity.user_key != self.identity.user_key:
+            self.stats["refresh.other_subject"] += 1
+            return self.end(CloseCode.FORBIDDEN, "refresh with another subject")
+        if not self.lifecycle.accepts_refresh(wall):
+            return self.end(CloseCode.UNAUTHORIZED, "token expired before the refresh was decided")
+        self.identity = identity
+        self.degraded = admission.degraded
+        self.token = admission.token
+        self.stats["refresh.ok"] += 1
+        self.lifecycle.on_refresh(identity.expires_at, identity.issued_at, wall)
+        return Send(encode_message(AuthRefreshed(identity.expires_at, admission.degraded)))
+
+    def refresh_failed(self, reason: str) -> Effect | None:
+        """The refresh was refused: the old token still holds until it expires."""
+        if self.closing is not None:
+            return None
+        return self._error("refresh_rejected", reason)
+
+    # -- timers ------------------------------------------------------------------
+
+    def next_wake(self, to_now: Callable[[float], float]) -> float:
+        """When :meth:`timer` is next due, on the ``now`` clock (``to_now`` converts wall)."""
+        wake = to_now(self.lifecycle.next_deadline())
+        return wake if self._ping_at is None else min(wake, self._ping_at)
+
+    def timer(self, now: float, wall: float) -> list[Effect]:
+        """The session's timer fired: what is due (a ping, the token's warning, expiry, a re-check)."""
+        if self.closing is not None:
+            return []
+        effects: list[Effect] = []
+        if self._ping_at is not None and now >= self._ping_at:
+            self._ping_at = None  # pong() sets the next one
+            effects.append(START_PING)
+        for action in self.lifecycle.due(wall):
+            if action is Action.EXPIRE:
+                closing = self.end(CloseCode.UNAUTHORIZED, "token expired")
+                return [closing] if closing is not None else []
+            if action is Action.WARN:
+                expires_at = self.lifecycle.expires_at
+                warning = AuthExpiring(expires_at, max(0.0, round(expires_at - wall, 3)))
+                effects.append(Send(encode_message(warning)))
+            elif action is Action.REVALIDATE and self.token is not None:
+                effects.append(RECHECK)
+        return effects
+
+    def pong(self, now: float) -> None:
+        """The ping was answered: the next is due one interval from now."""
+        if self.closing is None:
+            self._ping_at = now + self._rules.heartbeat_interval
+
+    # -- runs --------------------------------------------------------------------
+
+    @property
+    def runs(self) -> int:
+        return len(self._runs)
+
+    def run_event(self, run_id: str, event: str, data: dict[str, Any]) -> str:
+        """An event the agent emits: its text to queue. Raises for an event the agent may
+        not send (its run's error, not the session's)."""
+        run = self._runs[run_id]
+        if event not in AGENT_EVENTS:
+            raise ValueError(f"not an agent event: {event!r}")
+        if run.completed:
+            raise RuntimeError("the run has already completed")
+        reserved = RESERVED_FIELDS.intersection(data)
+        if reserved:
+            raise ValueError(f"fields the gateway sets: {', '.join(sorted(reserved))}")
+        run.completed = event == "agent_completed"
+        self.stats["agent_events"] += 1
+        return encode_message(AgentEvent(event, run_id, run.message_id, data))
+
+    def run_ended(self, run_id: str, status: str) -> list[Effect]:
+        """A run ended (``ok``, ``cancelled`` or ``error``): its terminal event unless the
+        agent sent one, and the drained session's close after its last run."""
+        run = self._runs.pop(run_id)
+        self.stats[f"run.{status}"] += 1
+        effects: list[Effect] = []
+        if not run.completed:
+            completed = AgentEvent("agent_completed", run_id, run.message_id, {"status": status})
+            effects.append(Send(encode_message(completed)))
+        if self.state is State.DRAINING and not self._runs:
+            effects.append(self._drained())
+        return effects
+
+    # -- draining ----------------------------------------------------------------
+
+    def drain(self, reconnect_after: float) -> list[Effect]:
+        """Stop taking runs; the session closes (1001) once the running ones have ended."""
+        if self.state is not State.OPEN:
+            return []
+        self.state = State.DRAINING
+        self._reconnect_after = reconnect_after
+        effects: list[Effect] = [Send(encode_message(Draining(round(reconnect_after, 1))))]
+        if not self._runs:
+            effects.append(self._drained())
+        return effects
+
+    def _drained(self) -> Close:
+        closing = self.end(
+            CloseCode.GOING_AWAY, f"server draining; reconnect after {self._reconnect_after:.1f} s"
+        )
+        assert closing is not None
+        return closing
+
+    # -- server pushes -------------------------------------------------------------
+
+    def offer(self, message: ServerMessage) -> str | None:
+        """A server push: its text, or None once the session is closing."""
+        return None if self.closing is not None else encode_message(message)
+
+    def push_dropped(self) -> bool:
+        """A push found the queue full and was dropped. True for the first of a run of
+        drops: watch whether the client catches up within ``slow_consumer_timeout``."""
+        self._dropped += 1
+        self.stats["send.dropped"] += 1
+        return self._dropped == 1
+
+    def caught_up(self) -> Send:
+        """The queue has room again: tell the client how many pushes it missed."""
+        dropped, self._dropped = self._dropped, 0
+        return Send(encode_message(Error("events_dropped", f"{dropped} events dropped", dropped)))
+
+    def restored(self) -> str | None:
+        """The auth service answers again and holds the token active: no longer degraded."""
+        if self.closing is not None or not self.degraded:
+            return None
+        self.degraded = False
+        self.stats["recheck.restored"] += 1
+        return encode_message(Restored())

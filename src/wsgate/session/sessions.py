@@ -1,0 +1,143 @@
+"""Where sessions come from, and what they use of the gateway: :class:`Sessions`.
+
+It makes each connection's :class:`Session` (a :class:`SessionCore` of the
+admitted identity, on its socket), and serves what a session asks: the wall
+clock, the one auth path for refreshes, and re-checks with the auth service,
+including the loop that re-checks degraded sessions when the breaker changes.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter
+from collections.abc import Callable
+
+import trio
+from trio_websocket import WebSocketConnection
+
+from ..agent import Agent
+from ..auth.authenticator import Authenticated, Authenticator
+from ..auth.policy import ServiceAnswer
+from ..auth.tokens import TokenSource
+from ..breaker_actor import BreakerActor
+from ..clock import WallClock
+from ..config import Settings
+from ..errors import GatewayError
+from ..handshake import Admission
+from ..registry import Registry
+from .core import Rules, SessionCore
+from .lifecycle import LifecycleConfig, TokenLifecycle
+from .shell import Session
+
+
+def new_session_id() -> str:
+    return f"s-{secrets.token_hex(6)}"
+
+
+class Sessions:
+    """Makes sessions and is their :class:`~wsgate.session.SessionServices`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        agent: Agent,
+        auth: Authenticator,
+        registry: Registry,
+        clock: WallClock,
+        stats: Counter[str],
+        *,
+        new_id: Callable[[], str] = new_session_id,
+    ) -> None:
+        self._settings = settings
+        self._agent = agent
+        self._auth = auth
+        self._registry = registry
+        self._clock = clock
+        self._stats = stats
+        self._new_id = new_id
+        self._rules = Rules.of(settings)
+        auth_settings = settings.auth
+        # Shared by every session: indexed by whether the session keeps its token for re-checks.
+        self._lifecycles = tuple(
+            LifecycleConfig(
+                refresh_ahead=auth_settings.refresh_ahead,
+                grace=auth_settings.expiry_grace,
+                revalidate_interval=auth_settings.revalidate_interval if rechecked else None,
+            )
+            for rechecked in (False, True)
+        )
+
+    def admission(self, result: Authenticated, subprotocol: str | None, token: str | None) -> Admission:
+        """What an authenticated token admits. The token itself is kept (in memory only)
+        where the auth service may re-check it, and never for an anonymous session."""
+        kept = token if self._auth.introspection is not None else None
+        return Admission(result.identity, subprotocol, result.degraded, token=kept)
+
+    def new(self, ws: WebSocketConnection, admission: Admission) -> Session:
+        identity = admission.identity
+        lifecycle = TokenLifecycle(
+            self._lifecycles[admission.token is not None],
+            identity.expires_at,
+            identity.issued_at,
+            self._clock.now(),
+        )
+        core = SessionCore(
+            self._new_id(), admission, lifecycle, self._rules, now=trio.current_time(), stats=self._stats
+        )
+        return Session(core, ws, self._agent, self._settings.server, self)
+
+    # -- what sessions use ---------------------------------------------------------
+
+    def wall_now(self) -> float:
+        return self._clock.now()
+
+    def trio_time(self, wall: float) -> float:
+        return self._clock.to_trio(wall)
+
+    async def refresh(self, token: str) -> Admission:
+        try:
+            result = await self._auth.authenticate(token, TokenSource.REFRESH)
+        except GatewayError as error:
+            self._stats[f"refresh.{error.status}"] += 1
+            raise
+        return self.admission(result, None, token)
+
+    async def recheck(self, session: Session) -> None:
+        """Ask the auth service about a live session again; close it if it is no longer active."""
+        token = session.token
+        if token is None:
+            return
+        answer = await self._auth.recheck(token)
+        if session.token != token:
+            return  # refreshed meanwhile (or closed): the new token was checked on its own
+        if answer is ServiceAnswer.INACTIVE:
+            self._stats["recheck.inactive"] += 1
+            session.revoke()
+        elif answer is ServiceAnswer.ACTIVE:
+            session.restored()
+
+    async def revalidate_degraded(self, breaker: BreakerActor) -> None:
+        """Re-check degraded sessions when the breaker changes state, and every ``open_wait``,
+        using at most half of ``breaker.max_concurrent_calls``.
+
+        The re-checks go through the breaker like any call, so while it is open they cost
+        nothing, and they are what probes a recovered service when no handshake does.
+        """
+        transitions = breaker.subscribe()
+        settings = self._settings.breaker
+        # At most half of the breaker's calls in flight: after an outage, new handshakes are
+        # not queued behind the re-checks of every session admitted while it lasted.
+        limiter = trio.CapacityLimiter(max(1, settings.max_concurrent_calls // 2))
+
+        async def recheck(session: Session) -> None:
+            async with limiter:
+                await self.recheck(session)
+
+        while True:
+            with trio.move_on_after(settings.open_wait):
+                await transitions.receive()
+            degraded = [s for s in self._registry.all_sessions() if s.degraded]
+            if degraded:
+                async with trio.open_nursery() as nursery:
+                    for session in degraded:
+                        nursery.start_soon(recheck, session)

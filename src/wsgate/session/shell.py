@@ -1,0 +1,393 @@
+"""A session on its connection: the Trio shell that feeds :class:`SessionCore` and acts.
+
+One nursery per connection. Its body is the reader; beside it run the writer
+(what is queued goes out in batches, numbered by the core as it is written)
+and the watchdog (asleep until the core's next timer). Runs, refreshes, pings
+and re-checks are short tasks in the same nursery. The shell decides nothing:
+every event goes to the core, and the shell carries out what comes back.
+
+When the core decides the close, :meth:`Session._stop` ends the tasks, the one
+way: with nothing but the reader, writer and watchdog left, the reader's scope
+is cancelled, the writer stops once the queue is written and the watchdog is
+woken; with a run, refresh, ping or re-check in flight, the nursery is
+cancelled. Then what is queued is flushed within ``close_timeout`` (unless the
+close says not to, or the socket is gone) and the WebSocket is closed with the
+core's code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from ..agent import Agent, RunContext
+from ..auth.tokens import Identity
+from ..config import ServerSettings
+from ..errors import CloseCode, GatewayError
+from ..handshake import Admission
+from ..protocol import UserMessage
+from ..wsconn import send_texts
+from .core import RECHECK, START_PING, CancelRun, Close, Effect, Refresh, Send, SessionCore, StartRun
+from .messages import ServerMessage
+from .outbound import OutboundQueue
+
+log = logging.getLogger("wsgate.session")
+
+WRITE_BATCH_MESSAGES = 64  # at most this many queued messages per write
+WRITE_BATCH_BYTES = 256 * 1024  # and no more bytes than this, unless one message is larger
+
+
+class SessionServices(Protocol):
+    """What a session uses of the gateway: its clock and its one auth path."""
+
+    def wall_now(self) -> float: ...
+
+    def trio_time(self, wall: float) -> float: ...
+
+    async def refresh(self, token: str) -> Admission: ...
+
+    async def recheck(self, session: Session) -> None: ...
+
+
+def _dropped(closed: ConnectionClosed) -> bool:
+    return closed.reason is not None and closed.reason.code == CloseCode.ABNORMAL_CLOSURE
+
+
+class Session:
+    """Serves one authenticated WebSocket until it closes."""
+
+    # Slots, not a __dict__: an idle connection's footprint is mostly objects like this one.
+    __slots__ = (
+        "_agent",
+        "_helpers",
+        "_nursery",
+        "_outbound",
+        "_reading",
+        "_refresh_lock",
+        "_scopes",
+        "_services",
+        "_settings",
+        "_stopping",
+        "_wake",
+        "_writable",
+        "core",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        core: SessionCore,
+        ws: WebSocketConnection,
+        agent: Agent,
+        settings: ServerSettings,
+        services: SessionServices,
+    ) -> None:
+        self.core = core
+        self.ws = ws
+        self._agent = agent
+        self._settings = settings
+        self._services = services
+        self._outbound = OutboundQueue(settings.send_queue_messages, settings.send_queue_bytes)
+        self._nursery: trio.Nursery | None = None
+        self._reading = trio.CancelScope()  # the reader's; cancelled to stop it
+        self._wake: trio.CancelScope | None = None  # the watchdog's sleep, moved as timers change
+        self._stopping = trio.Event()  # set to end the watchdog without a Cancelled
+        self._refresh_lock: trio.StrictFIFOLock | None = None  # made on the first refresh
+        self._scopes: dict[str, trio.CancelScope] = {}  # each run's
+        self._helpers = 0  # runs, refreshes, pings and re-checks in flight
+        self._writable = True  # False once the socket is gone or a write got stuck
+
+    # -- what the gateway reads and calls ------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.core.id
+
+    @property
+    def identity(self) -> Identity:
+        return self.core.identity
+
+    @property
+    def degraded(self) -> bool:
+        return self.core.degraded
+
+    @property
+    def token(self) -> str | None:
+        """The current token, kept only where the auth service may re-check it."""
+        return self.core.token
+
+    @property
+    def close_code(self) -> CloseCode | None:
+        return None if self.core.closing is None else self.core.closing.code
+
+    @property
+    def close_reason(self) -> str:
+        return "" if self.core.closing is None else self.core.closing.reason
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """End the session with ``code``; the first close decided wins."""
+        self._act(self.core.end(code, reason))
+
+    def revoke(self) -> None:
+        """Close this session because its token or subject was revoked (4403)."""
+        self._act(self.core.revoked())
+
+    def restored(self) -> None:
+        """The auth service holds the token active again: no longer degraded."""
+        text = self.core.restored()
+        if text is not None:
+            self._offer(text)
+
+    def offer(self, message: ServerMessage) -> bool:
+        """Queue a server push without waiting. When full, it is dropped, the client is told
+        how many were dropped once it catches up, and a consumer that stays full beyond
+        ``slow_consumer_timeout`` is closed (1008)."""
+        text = self.core.offer(message)
+        return text is not None and self._offer(text)
+
+    def drain(self, reconnect_after: float) -> None:
+        """Stop taking new runs; close with 1001 once the running ones have finished."""
+        for effect in self.core.drain(reconnect_after):
+            if isinstance(effect, Send):
+                self._offer(effect.text)
+            elif isinstance(effect, Close):
+                self._act(effect)
+
+    def cancel_runs(self) -> None:
+        """Cancel every run (each still ends with its terminal event)."""
+        for scope in self._scopes.values():
+            scope.cancel()
+
+    async def run(self) -> None:
+        """Serve until closed. Never raises except Cancelled; a bug closes with 1011."""
+        try:
+            if self.core.closing is None:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._writer, name="wsgate.session.writer")
+                    await self._queue(self.core.ready())
+                    nursery.start_soon(self._watchdog, name="wsgate.session.watchdog")
+                    await self._reader()  # the nursery's own body: one task fewer per connection
+        except Exception:
+            log.exception("session failed", extra={"session": self.id, "event": "session.error"})
+            self.core.failed()
+        await self._finish()
+
+    # -- acting on the core's effects ----------------------------------------------
+
+    def _act(self, closing: Close | None) -> None:
+        if closing is not None and self._nursery is not None:
+            self._stop()
+
+    def _stop(self) -> None:
+        """The core has decided the close: end the session's tasks (the one way)."""
+        assert self._nursery is not None
+        if self._helpers:
+            self._nursery.cancel_scope.cancel()
+        else:  # each told to stop, none cancelled mid-wait: the cheap and common way out
+            self._reading.cancel()
+            self._outbound.stop_taking()
+            self._stopping.set()
+
+    async def _do(self, effect: Effect) -> None:
+        if isinstance(effect, Send):
+            await self._queue(effect.text)
+        elif isinstance(effect, StartRun):
+            scope = self._scopes[effect.run_id] = trio.CancelScope()
+            self._spawn(self._run_agent, effect.run_id, effect.message, scope, name="run")
+        elif isinstance(effect, CancelRun):
+            self._scopes[effect.run_id].cancel()
+        elif isinstance(effect, Refresh):
+            self._spawn(self._refresh, effect.token, name="refresh")
+        elif isinstance(effect, Close):
+            self._act(effect)
+        elif effect is START_PING:
+            self._spawn(self._heartbeat, name="heartbeat")
+        elif effect is RECHECK:
+            self._spawn(self._services.recheck, self, name="recheck")
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
+        assert self._nursery is not None
+        self._helpers += 1
+        self._nursery.start_soon(self._helper, fn, args, name=f"wsgate.session.{name}")
+
+    async def _helper(self, fn: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
+        try:
+            await fn(*args)
+        finally:
+            self._helpers -= 1
+
+    def _rearm(self) -> None:
+        """The core's next timer may have moved (a refresh, a pong): move the watchdog's sleep."""
+        if self._wake is not None:
+            self._wake.deadline = self.core.next_wake(self._services.trio_time)
+
+    # -- the outbound queue ----------------------------------------------------------
+
+    async def _queue(self, text: str) -> None:
+        """Queue one message; waits only while the queue is full (the only checkpoint), and a
+        consumer that keeps it full for ``slow_consumer_timeout`` is closed (1008)."""
+        if self._outbound.put_nowait(text):
+            return
+        with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
+            await self._outbound.put(text)
+        if waited.cancelled_caught:
+            self._act(self.core.slow_consumer())
+
+    def _offer(self, text: str) -> bool:
+        if self._outbound.put_nowait(text):
+            return True
+        if self.core.push_dropped() and self._nursery is not None:
+            self._nursery.start_soon(self._watch_overflow)
+        return False
+
+    async def _watch_overflow(self) -> None:
+        with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
+            await self._outbound.wait_not_full()
+        if waited.cancelled_caught:
+            self._act(self.core.slow_consumer())
+        else:
+            await self._do(self.core.caught_up())
+
+    # -- tasks -------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        # What is queued by the time the writer runs goes out in one write: under load
+        # (an agent's burst of events, a pipelining client) that is one system call
+        # and one shielded scope for many messages instead of one each.
+        while texts := await self._outbound.take(WRITE_BATCH_MESSAGES, WRITE_BATCH_BYTES):
+            if not await self._write(texts):
+                return
+
+    async def _write(self, texts: list[str]) -> bool:
+        frames = self.core.number(texts)
+        # A message taken from the queue is written whole even while the session is
+        # being cancelled (a frame cut in half would corrupt the stream), within a bound.
+        # The deadline is given at construction: set on an entered scope, it costs a second
+        # registration with the run loop, on every write.
+        bound = trio.current_time() + self._settings.slow_consumer_timeout
+        with trio.CancelScope(shield=True, deadline=bound) as scope:
+            try:
+                await send_texts(self.ws, frames)
+            except ConnectionClosed as closed:
+                self._socket_gone(closed)
+                return False
+        if scope.cancelled_caught:
+            self._writable = False
+            self._act(self.core.slow_consumer(stuck=True))
+            return False
+        return True
+
+    def _socket_gone(self, closed: ConnectionClosed) -> None:
+        self._writable = False
+        self._act(self.core.socket_closed(dropped=_dropped(closed)))
+
+    async def _reader(self) -> None:
+        idle = self._settings.idle_timeout
+        core = self.core
+        with self._reading:
+            while core.closing is None:
+                if idle:
+                    self._reading.deadline = trio.current_time() + idle
+                try:
+                    raw = await self.ws.get_message()
+                except ConnectionClosed as closed:
+                    self._socket_gone(closed)
+                    return
+                if idle:
+                    self._reading.deadline = math.inf  # idle is waiting for a message, not handling one
+                effect = core.receive(raw, trio.current_time())
+                if effect is not None:
+                    await self._do(effect)
+                del raw, effect  # they may carry a token: not kept while waiting for the next message
+        if self._reading.cancelled_caught:
+            self._act(core.idle())  # None when the close was decided first
+
+    async def _watchdog(self) -> None:
+        """Asleep until the core's next timer (moved by refreshes and pongs), then acts on it."""
+        core, services = self.core, self._services
+        while core.closing is None:
+            self._wake = trio.CancelScope(deadline=core.next_wake(services.trio_time))
+            with self._wake:
+                await self._stopping.wait()
+            for effect in core.timer(trio.current_time(), services.wall_now()):
+                await self._do(effect)
+
+    async def _heartbeat(self) -> None:
+        """One ping; no pong within ``heartbeat_timeout`` ends the session (1001)."""
+        with trio.move_on_after(self._settings.heartbeat_timeout) as waited:
+            try:
+                await self.ws.ping()
+            except ConnectionClosed as closed:
+                self._socket_gone(closed)
+                return
+        if waited.cancelled_caught:
+            self._writable = False  # nothing more can usefully be written
+            self._act(self.core.ping_timeout())
+            return
+        self.core.pong(trio.current_time())
+        self._rearm()
+
+    async def _refresh(self, token: str) -> None:
+        """In-band refresh: one at a time, in arrival order, by the gateway's one auth path."""
+        if self._refresh_lock is None:
+            self._refresh_lock = trio.StrictFIFOLock()
+        async with self._refresh_lock:
+            try:
+                admission = await self._services.refresh(token)
+            except GatewayError as exc:
+                effect = self.core.refresh_failed(exc.reason)
+            else:
+                effect = self.core.refreshed(admission, self._services.wall_now())
+                self._rearm()
+            if effect is not None:
+                await self._do(effect)
+
+    async def _run_agent(self, run_id: str, message: UserMessage, scope: trio.CancelScope) -> None:
+        async def emit(event: str, /, **data: Any) -> None:
+            await self._queue(self.core.run_event(run_id, event, data))
+            await trio.lowlevel.checkpoint()  # emit is a checkpoint, like any send in Trio
+
+        ctx = RunContext(run_id=run_id, session_id=self.id, identity=self.identity)
+        status = "ok"
+        try:
+            with scope:
+                await self._agent.run(ctx, message.text, emit)
+            if scope.cancelled_caught:
+                status = "cancelled"
+        except Exception:
+            # The agent is the application's code: its failure ends its run, not the connection.
+            log.exception("agent run failed", extra={"session": self.id, "run_id": run_id})
+            status = "error"
+        finally:
+            del self._scopes[run_id]
+        for effect in self.core.run_ended(run_id, status):
+            await self._do(effect)
+
+    async def _finish(self) -> None:
+        """Flush what is queued, then close the socket with the core's code."""
+        closing = self.core.closing or Close(CloseCode.NORMAL, "")
+        with trio.move_on_after(self._settings.close_timeout) as cleanup:
+            cleanup.shield = True
+            self._outbound.close()
+            if closing.flush and self._writable:
+                while texts := self._outbound.take_nowait(WRITE_BATCH_MESSAGES, WRITE_BATCH_BYTES):
+                    if not await self._write(texts):
+                        break
+            await self.ws.aclose(int(closing.code), closing.reason[:120] or None)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "session closed",
+                extra={
+                    "event": "session.closed",
+                    "session": self.id,
+                    "subject": self.identity.subject_hash,
+                    "code": int(closing.code),
+                    "reason": closing.reason,
+                },
+            )
