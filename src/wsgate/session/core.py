@@ -19,15 +19,11 @@ The core never holds the socket, so the same object can outlive one connection.
 
 from __future__ import annotations
 
-import enum
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-import attrs
-
 from ..auth.tokens import Identity
-from ..config import Settings
 from ..errors import CloseCode
 from ..handshake import Admission
 from ..protocol import (
@@ -42,6 +38,18 @@ from ..protocol import (
     parse_client_message,
 )
 from ..ratelimit import TokenBucket
+from .effects import (
+    RECHECK,
+    START_PING,
+    CancelRun,
+    Close,
+    Effect,
+    Refresh,
+    Rules,
+    Send,
+    StartRun,
+    State,
+)
 from .lifecycle import Action, TokenLifecycle
 from .messages import (
     RESERVED_FIELDS,
@@ -56,87 +64,6 @@ from .messages import (
     encode_message,
     encode_pong,
 )
-
-
-class State(enum.Enum):
-    OPEN = "open"
-    DRAINING = "draining"  # no new runs; closes (1001) once the last run has ended
-    CLOSED = "closed"  # the close is decided; runs still running are being cancelled
-
-
-@attrs.frozen
-class Rules:
-    """The limits every session of a gateway shares (made once, from the settings)."""
-
-    heartbeat_interval: float = 20.0
-    max_runs: int = 4
-    max_json_depth: int = 16
-    message_rate: float = 20.0
-    message_burst: int = 40
-    refresh_limit: int = 10
-    refresh_window: float = 60.0
-    max_protocol_errors: int = 20
-
-    @classmethod
-    def of(cls, settings: Settings) -> Rules:
-        server, auth = settings.server, settings.auth
-        return cls(
-            heartbeat_interval=server.heartbeat_interval,
-            max_runs=server.max_runs_per_session,
-            max_json_depth=server.max_json_depth,
-            message_rate=server.message_rate,
-            message_burst=server.message_burst,
-            refresh_limit=auth.refresh_limit,
-            refresh_window=auth.refresh_window,
-        )
-
-
-# -- effects: what the shell is told to do ---------------------------------------
-
-
-@attrs.frozen
-class Send:
-    """Queue this text (an encoded server message), waiting while the queue is full."""
-
-    text: str
-
-
-@attrs.frozen
-class StartRun:
-    run_id: str
-    message: UserMessage
-
-
-@attrs.frozen
-class CancelRun:
-    run_id: str
-
-
-@attrs.frozen
-class Refresh:
-    """Verify this token; answer with :meth:`SessionCore.refreshed` or ``refresh_failed``."""
-
-    token: str = attrs.field(repr=False)
-
-
-@attrs.frozen
-class Close:
-    """The session ends with ``code``. ``flush``: what is queued is still written first."""
-
-    code: CloseCode
-    reason: str
-    flush: bool = True
-
-
-class _Signal(enum.Enum):
-    START_PING = "start ping"  # send one ping; answer with pong() or ping_timeout()
-    RECHECK = "recheck"  # ask the auth service about the session's token again
-
-
-START_PING = _Signal.START_PING
-RECHECK = _Signal.RECHECK
-
-Effect = Send | StartRun | CancelRun | Refresh | Close | _Signal
 
 
 class _Run:
@@ -405,6 +332,8 @@ class SessionCore:
         run = self._runs.pop(run_id)
         self.stats[f"run.{status}"] += 1
         effects: list[Effect] = []
+        if self.closing is not None:
+            return effects  # nothing more is sent once the close is decided
         if not run.completed:
             completed = AgentEvent("agent_completed", run_id, run.message_id, {"status": status})
             effects.append(Send(encode_message(completed)))

@@ -25,7 +25,8 @@ from ..config import Settings
 from ..errors import GatewayError
 from ..handshake import Admission
 from ..registry import Registry
-from .core import Rules, SessionCore
+from .core import SessionCore
+from .effects import Rules
 from .lifecycle import LifecycleConfig, TokenLifecycle
 from .shell import Session
 

@@ -32,7 +32,8 @@ from ..errors import CloseCode, GatewayError
 from ..handshake import Admission
 from ..protocol import UserMessage
 from ..wsconn import send_texts
-from .core import RECHECK, START_PING, CancelRun, Close, Effect, Refresh, Send, SessionCore, StartRun
+from .core import SessionCore
+from .effects import RECHECK, START_PING, CancelRun, Close, Effect, Refresh, Send, StartRun
 from .messages import ServerMessage
 from .outbound import OutboundQueue
 
