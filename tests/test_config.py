@@ -10,7 +10,8 @@ import pytest
 
 import wsgate
 from wsgate.cli import tune_gc
-from wsgate.config import Settings, example_toml, load_settings, setting_names, to_toml
+from wsgate.config import Settings
+from wsgate.configfile import example_toml, load_settings, setting_names, to_toml
 from wsgate.errors import ConfigError
 
 SECRET = "a-secret-that-is-long-enough-for-hs256!"
@@ -155,7 +156,7 @@ EXAMPLE = Path(wsgate.__file__).with_name("wsgate.example.toml")
 
 def test_the_shipped_example_has_every_setting_and_its_default() -> None:
     text = EXAMPLE.read_text()
-    assert text == example_toml(), "regenerate: python -c 'from wsgate.config import example_toml; ...'"
+    assert text == example_toml(), "regenerate: python -c 'from wsgate.configfile import example_toml; ...'"
     for name in setting_names(Settings):
         assert f"# {name.rsplit('.', 1)[-1]} =" in text, name
     assert load_settings(EXAMPLE, env={}) == Settings()  # all commented: the defaults

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from wsgate import CloseCode
-from wsgate.config import Settings, setting_names
+from wsgate.config import Settings
+from wsgate.configfile import setting_names
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

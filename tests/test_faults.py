@@ -28,19 +28,24 @@ from wsgate.testing import GatewayHarness, open_harness, settings_for_tests
 
 SERVER_MODULES = (
     "wsgate.auth.authenticator",
+    "wsgate.auth.keys",
+    "wsgate.auth.policy",
+    "wsgate.auth.sources",
+    "wsgate.auth.tokens",
     "wsgate.connection",
     "wsgate.handshake",
-    "wsgate.session.lifecycle",
-    "wsgate.session.outbound",
-    "wsgate.auth.policy",
     "wsgate.protocol",
     "wsgate.ratelimit",
     "wsgate.registry",
     "wsgate.server",
-    "wsgate.session",
-    "wsgate.auth.sources",
+    "wsgate.session.core",
+    "wsgate.session.effects",
+    "wsgate.session.lifecycle",
+    "wsgate.session.messages",
+    "wsgate.session.outbound",
+    "wsgate.session.sessions",
+    "wsgate.session.shell",
     "wsgate.streams",
-    "wsgate.auth.tokens",
     "wsgate.wsconn",
 )
 #: What gives a lease or a pending place back, and the shell around the connection's own
@@ -132,3 +137,13 @@ def test_a_fault_at_each_step_leaves_nothing_behind(step: int) -> None:
     assert injector.fired is not None or injector.steps < step
     assert after == before, injector.fired
     assert served, injector.fired
+
+
+def test_every_module_named_is_a_module_of_code() -> None:
+    """A module renamed or moved must not drop out of the fault injection unnoticed."""
+    import importlib
+    from pathlib import Path
+
+    for name in SERVER_MODULES:
+        module = importlib.import_module(name)
+        assert module.__file__ is not None and Path(module.__file__).name != "__init__.py", name

@@ -25,7 +25,7 @@ import trio
 from conftest import data_home, start_server, stop
 from wsgate.admin import AdminApp
 from wsgate.cli import _parser
-from wsgate.config import load_settings
+from wsgate.configfile import load_settings
 from wsgate.errors import ConfigError
 from wsgate.httpserver import Request
 from wsgate.testing import open_harness, settings_for_tests

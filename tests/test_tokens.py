@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jwt.api_jws import PyJWS
 
-from wsgate.auth import tokens
-from wsgate.auth.tokens import _JWS, TokenRejected, TokenSource, TokenVerifier, VerificationKey, load_keys
+from wsgate.auth import keys
+from wsgate.auth.keys import _JWS, VerificationKey, load_keys
+from wsgate.auth.tokens import TokenRejected, TokenSource, TokenVerifier
 from wsgate.config import AuthSettings, KeySettings
 from wsgate.errors import ConfigError
 
@@ -271,6 +272,6 @@ def test_segment_decoding_matches_pyjwt(segment: bytes) -> None:
 
 
 def test_tokens_are_verified_through_our_segment_decoding() -> None:
-    assert isinstance(tokens._JWT._jws, _JWS)
+    assert isinstance(keys.JWT._jws, _JWS)
     with pytest.raises(TokenRejected, match="malformed token"):
         verify(hs(claims()).replace(".", "!.", 1))

@@ -135,7 +135,7 @@ def test_the_privates_we_rely_on_are_where_we_use_them() -> None:
     from wsproto.connection import Connection
     from wsproto.frame_protocol import FrameDecoder, FrameProtocol
 
-    from wsgate.auth.tokens import _JWS, _JWT
+    from wsgate.auth.keys import _JWS, JWT
 
     for name in ("_reader_task", "_get_request", "_send", "_open_handshake"):
         assert hasattr(WebSocketConnection, name) or name in inspect.getsource(
@@ -148,4 +148,4 @@ def test_the_privates_we_rely_on_are_where_we_use_them() -> None:
     assert "extension.frame_inbound_header" in inspect.getsource(FrameDecoder)
     # tokens.py: the PyJWS method _JWS overrides, and PyJWT's own PyJWS it replaces.
     assert "_decode_base64url_segment" in vars(jwt.api_jws.PyJWS)
-    assert isinstance(_JWT._jws, _JWS)
+    assert isinstance(JWT._jws, _JWS)

@@ -1,8 +1,10 @@
 """wsgate: an authenticating WebSocket gateway for AI-agent products, on Trio."""
 
 from .agent import Agent, DemoAgent, Emit, NoopAgent, RunContext
-from .auth.tokens import Identity, TokenRejected, TokenSource, TokenVerifier, VerificationKey
-from .config import Settings, load_settings
+from .auth.keys import VerificationKey
+from .auth.tokens import Identity, TokenRejected, TokenSource, TokenVerifier
+from .config import Settings
+from .configfile import load_settings
 from .errors import (
     BadRequest,
     CloseCode,

@@ -19,7 +19,8 @@ import trio
 from . import __version__
 from .auth.devkey import dev_key_path, load_dev_secret
 from .auth.tokens import mint_token
-from .config import Settings, load_settings, to_toml
+from .config import Settings
+from .configfile import load_settings, to_toml
 from .errors import ConfigError, StartupError, leaves
 from .log import configure_logging
 from .server import Gateway, serve

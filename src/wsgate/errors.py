@@ -1,6 +1,6 @@
 """Close codes and the errors that carry them.
 
-Every way a connection can end maps to one :class:`CloseCode` (DESIGN section 4),
+Every way a connection can end maps to one :class:`CloseCode` (``docs/protocol.md``, "Close codes"),
 and every refusal before the upgrade maps to one HTTP status. Errors carry both,
 plus a reason that is safe to show to the client.
 """

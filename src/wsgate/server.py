@@ -23,8 +23,9 @@ from .auth.authenticator import Authenticator
 from .auth.devkey import DevTokens, dev_key_path, load_dev_secret
 from .auth.introspection import IntrospectionClient
 from .auth.jwks import KeySetSource
+from .auth.keys import load_keys
 from .auth.policy import Level
-from .auth.tokens import TokenSource, TokenVerifier, load_keys
+from .auth.tokens import TokenSource, TokenVerifier
 from .breaker import BreakerConfig, CircuitBreaker
 from .breaker_actor import BreakerActor
 from .clock import WallClock

@@ -29,7 +29,7 @@ import jwt
 import trio
 
 from ..config import AuthSettings
-from .tokens import VerificationKey
+from .keys import VerificationKey
 
 log = logging.getLogger("wsgate.auth.jwks")
 

@@ -1,6 +1,6 @@
 """The admission policy: a pure function of what we know about a request.
 
-``decide(verification, answer, level)`` is the table of DESIGN section 3. No
+``decide(verification, answer, level)`` is the table in ``docs/configuration.md`` ("Policy levels"). No
 level admits a token that failed verification, and no two people are ever
 folded into one identity: an anonymous demo connection gets its own identity.
 """

@@ -30,7 +30,8 @@ from trio_websocket import (
 from ..agent import Agent
 from ..auth.tokens import mint_token
 from ..clock import WallClock
-from ..config import Settings, load_settings
+from ..config import Settings
+from ..configfile import load_settings
 from ..errors import leaves
 from ..server import Gateway, open_gateway
 from ..wsconn import wrap_client_stream
