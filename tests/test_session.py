@@ -356,3 +356,18 @@ async def test_a_first_message_token_is_not_held_after_admission(
         assert (await client.receive_json())["type"] == "session.ready"
         await trio.testing.wait_all_tasks_blocked()
         assert _holders_of(token) == []
+
+
+async def test_a_seeded_harness_reproduces_its_session_ids(autojump_clock: trio.testing.MockClock) -> None:
+    async def ids(seed: int) -> list[str]:
+        async with open_harness(seed=seed) as h:
+            found = []
+            for _ in range(2):
+                async with h.connect(h.token()) as client:
+                    found.append((await client.receive_json())["session_id"])
+            return found
+
+    first = await ids(7)
+    assert first == await ids(7)
+    assert first != await ids(8)
+    assert len(set(first)) == 2

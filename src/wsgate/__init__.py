@@ -1,8 +1,14 @@
-"""wsgate: an authenticating WebSocket gateway for AI-agent products, on Trio."""
+"""wsgate: an authenticating WebSocket gateway for AI-agent products, on Trio.
+
+What a user of the package needs: an agent's interface, settings, the gateway
+itself, the close codes and errors it answers with, and the token verifier.
+Tests build on :mod:`wsgate.testing`.
+"""
 
 from .agent import Agent, DemoAgent, Emit, NoopAgent, RunContext
 from .auth.keys import VerificationKey
 from .auth.tokens import Identity, TokenRejected, TokenSource, TokenVerifier
+from .clock import WallClock
 from .config import Settings
 from .configfile import load_settings
 from .errors import (
@@ -15,13 +21,11 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
-from .server import Admission, Gateway, WallClock, open_gateway, serve
-from .session import Session
+from .server import Gateway, open_gateway, serve
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Admission",
     "Agent",
     "BadRequest",
     "CloseCode",
@@ -34,7 +38,6 @@ __all__ = [
     "Identity",
     "NoopAgent",
     "RunContext",
-    "Session",
     "Settings",
     "TokenRejected",
     "TokenSource",

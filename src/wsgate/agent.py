@@ -8,11 +8,13 @@ its cancel scope; the agent needs no cancellation code of its own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Any, Protocol
 
 import attrs
 import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .auth.tokens import Identity
 
@@ -78,6 +80,22 @@ class NoopAgent:
         await emit("tool_executing", tool="noop")
         await emit("tool_completed", tool="noop")
         await emit("agent_completed", status="ok")
+
+
+class RawApp(Protocol):
+    """An app that speaks over the admitted WebSocket itself, with no wsgate.v1 session."""
+
+    async def __call__(self, ws: WebSocketConnection, /) -> None: ...
+
+
+async def echo(ws: WebSocketConnection) -> None:
+    """The raw echo app (``--app echo``): every message back as it came, nothing else.
+
+    For protocol-conformance runs and load tests; no wsgate.v1 messages are sent.
+    """
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await ws.send_message(await ws.get_message())
 
 
 def builtin_agent(name: str, step_delay: float) -> Agent:

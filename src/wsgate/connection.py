@@ -19,6 +19,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from .agent import RawApp
 from .auth.authenticator import Authenticator
 from .auth.sources import extract_credentials
 from .auth.tokens import TokenSource
@@ -63,8 +64,10 @@ class _Opened:
 class ConnectionServer:
     """The per-connection half of the gateway."""
 
-    def __init__(self, gateway: Admitting) -> None:
+    def __init__(self, gateway: Admitting, *, raw_app: RawApp | None = None) -> None:
+        """``raw_app``: serve each admitted connection with it instead of a session."""
         self._gateway = gateway
+        self._raw_app = raw_app
         server = gateway.settings.server
         self._handshakes = RateLimiter(server.handshake_rate, server.handshake_burst)
         self.pending = PendingHandshakes(
@@ -93,8 +96,8 @@ class ConnectionServer:
                 return
             ws, admission, lease = admitted
             self._gateway.stats["handshake.admitted"] += 1
-            if self._gateway.settings.agent.name == "echo":
-                await _echo(ws)
+            if self._raw_app is not None:
+                await self._raw_app(ws)  # an app that speaks over the socket itself
                 return
             session = self._gateway.sessions.new(ws, admission)
             lease.attach(session)
@@ -326,13 +329,3 @@ def _check_request_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
     if not key_ok:
         raise BadRequest("Sec-WebSocket-Key must be one base64-encoded 16-byte value")
     return origins[0].decode("latin-1") if origins else None
-
-
-async def _echo(ws: WebSocketConnection) -> None:
-    """The raw echo app (``--app echo``): every message back as it came, nothing else.
-
-    For protocol-conformance runs and load tests; no wsgate.v1 messages are sent.
-    """
-    with contextlib.suppress(ConnectionClosed):
-        while True:
-            await ws.send_message(await ws.get_message())

@@ -18,7 +18,7 @@ import httpx
 import trio
 
 from .admin import AdminApp
-from .agent import Agent, builtin_agent
+from .agent import Agent, builtin_agent, echo
 from .auth.authenticator import Authenticator
 from .auth.devkey import DevTokens, dev_key_path, load_dev_secret
 from .auth.introspection import IntrospectionClient
@@ -32,14 +32,13 @@ from .clock import WallClock
 from .config import Settings
 from .connection import ConnectionServer
 from .errors import GatewayError, StartupError, bind_error
-from .handshake import Admission
 from .httpserver import serve_http
 from .metrics import Metrics, Stats
 from .registry import Registry
 from .session.messages import Pushed
-from .session.sessions import Sessions
+from .session.sessions import Sessions, new_session_id
 
-__all__ = ["Admission", "Gateway", "WallClock", "open_gateway", "serve"]
+__all__ = ["Gateway", "open_gateway", "serve"]
 
 log = logging.getLogger("wsgate.server")
 
@@ -120,8 +119,13 @@ class Gateway:
             key_set=key_set,
             anonymous_ttl=auth.anonymous_ttl,
         )
-        self.sessions = Sessions(settings, self.agent, self.auth, self.registry, self.clock, self.stats)
-        self.connections = ConnectionServer(self)
+        # Session ids are not secrets (the client is told its own); seeded, they are reproducible.
+        new_id = new_session_id if rng is None else lambda: f"s-{self._rng.getrandbits(48):012x}"
+        self.sessions = Sessions(
+            settings, self.agent, self.auth, self.registry, self.clock, self.stats, new_id=new_id
+        )
+        raw_app = echo if settings.agent.name == "echo" else None
+        self.connections = ConnectionServer(self, raw_app=raw_app)
         self.metrics.watch(stats=self.stats, sessions=self.registry, auth=self.auth, breaker=self.breaker)
 
     def _discovered(self, introspection_url: str | None, token_url: str | None) -> None:

@@ -219,7 +219,7 @@ async def open_harness(
 ) -> AsyncIterator[GatewayHarness]:
     """Run a gateway for the duration of the block (see :func:`settings_for_tests`).
 
-    Its randomness (retry jitter, reconnect hints) is seeded with ``seed``, so a run under
+    Its randomness (session ids, retry jitter, reconnect hints) is seeded with ``seed``, so a run under
     ``MockClock`` is reproduced exactly.
     """
     async with (
