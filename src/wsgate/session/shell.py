@@ -200,22 +200,22 @@ class Session:
             await self._queue(effect.text)
         elif isinstance(effect, StartRun):
             scope = self._scopes[effect.run_id] = trio.CancelScope()
-            self._spawn(self._run_agent, effect.run_id, effect.message, scope, name="run")
+            self._spawn(self._run_agent, effect.run_id, effect.message, scope, name="wsgate.session.run")
         elif isinstance(effect, CancelRun):
             self._scopes[effect.run_id].cancel()
         elif isinstance(effect, Refresh):
-            self._spawn(self._refresh, effect.token, name="refresh")
+            self._spawn(self._refresh, effect.token, name="wsgate.session.refresh")
         elif isinstance(effect, Close):
             self._act(effect)
         elif effect is START_PING:
-            self._spawn(self._heartbeat, name="heartbeat")
+            self._spawn(self._heartbeat, name="wsgate.session.heartbeat")
         elif effect is RECHECK:
-            self._spawn(self._services.recheck, self, name="recheck")
+            self._spawn(self._services.recheck, self, name="wsgate.session.recheck")
 
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
         assert self._nursery is not None
         self._helpers += 1
-        self._nursery.start_soon(self._helper, fn, args, name=f"wsgate.session.{name}")
+        self._nursery.start_soon(self._helper, fn, args, name=name)
 
     async def _helper(self, fn: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
         try:
