@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 import wsgate
-from wsgate.cli import tune_gc
 from wsgate.config import Settings
 from wsgate.configfile import example_toml, load_settings, setting_names, to_toml
 from wsgate.errors import ConfigError
+from wsgate.runner import tune_gc
 
 SECRET = "a-secret-that-is-long-enough-for-hs256!"
 
@@ -55,7 +55,7 @@ def test_configured_key_turns_dev_mode_off() -> None:
         ({"WSGATE_SERVER__HANDSHAKE_TIMEOUT": "0"}, "server.handshake_timeout: must be greater than 0"),
         ({"WSGATE_AUTH__HEADER": "maybe"}, "auth.header: must be true or false"),
         ({"WSGATE_AUTH__LEEWAY": "-1"}, "auth.leeway: must be between 0 and 300"),
-        ({"WSGATE_AGENT__NAME": "gpt"}, "agent.name: must be one of demo, echo, noop"),
+        ({"WSGATE_AGENT__APP": "gpt"}, "agent.app: must be demo, echo, noop or a module:attribute reference"),
         ({"WSGATE_AUTH__HMAC_SECRET": "short"}, "auth.hmac_secret: must be at least 32 bytes"),
         (
             {"WSGATE_ENVIRONMENT": "production", "WSGATE_DEV__ENABLED": "1"},

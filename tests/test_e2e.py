@@ -102,7 +102,7 @@ def test_a_configured_server_is_not_in_dev_mode(tmp_path: Path) -> None:
         '[auth]\nhmac_secret = "a-configured-secret-of-at-least-32-bytes"\nissuer = "me"\naudience = "you"\n'
     )
     server = start_server(
-        tmp_path, "--config", str(config), env={"WSGATE_AGENT__NAME": "echo"}
+        tmp_path, "--config", str(config), env={"WSGATE_AGENT__APP": "echo"}
     )  # the raw echo app
     try:
         token = jwt.encode(

@@ -21,6 +21,7 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
+from .runner import run
 from .server import Gateway, open_gateway, serve
 
 __version__ = "0.1.0"
@@ -49,5 +50,6 @@ __all__ = [
     "WallClock",
     "load_settings",
     "open_gateway",
+    "run",
     "serve",
 ]

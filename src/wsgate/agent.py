@@ -8,13 +8,11 @@ its cancel scope; the agent needs no cancellation code of its own.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from typing import Any, Protocol
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .auth.tokens import Identity
 
@@ -30,6 +28,12 @@ class RunContext:
     run_id: str
     session_id: str
     identity: Identity
+    #: The ``id`` of the ``user_message`` that started the run, if it had one.
+    message_id: str | None = None
+    #: Admitted while the auth service could not be asked (the ``tolerant`` policy).
+    degraded: bool = False
+    #: The client's own token: only with ``agent.forward_client_token`` (never logged).
+    client_token: str | None = attrs.field(default=None, repr=False)
 
 
 class Agent(Protocol):
@@ -80,25 +84,3 @@ class NoopAgent:
         await emit("tool_executing", tool="noop")
         await emit("tool_completed", tool="noop")
         await emit("agent_completed", status="ok")
-
-
-class RawApp(Protocol):
-    """An app that speaks over the admitted WebSocket itself, with no wsgate.v1 session."""
-
-    async def __call__(self, ws: WebSocketConnection, /) -> None: ...
-
-
-async def echo(ws: WebSocketConnection) -> None:
-    """The raw echo app (``--app echo``): every message back as it came, nothing else.
-
-    For protocol-conformance runs and load tests; no wsgate.v1 messages are sent.
-    """
-    with contextlib.suppress(ConnectionClosed):
-        while True:
-            await ws.send_message(await ws.get_message())
-
-
-def builtin_agent(name: str, step_delay: float) -> Agent:
-    if name == "noop":
-        return NoopAgent()
-    return DemoAgent(step_delay=step_delay)

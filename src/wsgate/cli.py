@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import logging
 import os
 import secrets
-import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-import trio
 
 from . import __version__
 from .auth.devkey import dev_key_path, load_dev_secret
 from .auth.tokens import mint_token
 from .config import Settings
 from .configfile import load_settings, to_toml
-from .errors import ConfigError, StartupError, leaves
-from .log import configure_logging
-from .server import Gateway, serve
-
-BANNER = "=" * 72
-log = logging.getLogger("wsgate.cli")
+from .errors import ConfigError
+from .runner import run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,9 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dev", action="store_true", default=None, help="force dev mode")
     s.add_argument(
         "--app",
-        choices=["demo", "echo", "noop"],
-        help="built-in app: the demo agent (default), a no-op agent, or a raw WebSocket echo",
+        metavar="APP",
+        help="what serves runs: demo (default), noop, echo (a raw WebSocket echo),"
+        " or your agent as package.module:attribute",
     )
+    s.add_argument("--upstream", metavar="URL", help="relay runs to the agent service at URL")
     s.add_argument(
         "--demo", action="store_true", default=None, help="admit clients without a token (demo policy)"
     )
@@ -104,19 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def tune_gc(threshold: int) -> tuple[int, int, int]:
-    """Set the young-generation GC threshold (0: leave it); returns the previous thresholds.
-
-    Python's default (700) makes the collector walk every live connection's objects far
-    more often than it finds garbage: seconds of collection while connections ramp up,
-    and pauses of hundreds of milliseconds that every connection waits out.
-    """
-    previous = gc.get_threshold()
-    if threshold:
-        gc.set_threshold(threshold, previous[1], previous[2])
-    return previous
-
-
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings(
         args,
@@ -124,7 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
             "server.host": args.host,
             "server.port": args.port,
             "dev.enabled": args.dev,
-            "agent.name": args.app,
+            "agent.app": args.app,
+            "agent.upstream_url": args.upstream,
             "auth.policy": "demo" if args.demo else args.policy,
             "auth.introspection_url": args.introspection_url,
             "auth.jwks_url": args.jwks_url,
@@ -133,71 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
             "log.level": args.log_level,
         },
     )
-    configure_logging(settings.log.level, settings.log.format)
-    tune_gc(settings.server.gc_threshold)
-    failures: list[str] = []
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            trio.run(_run_server, settings)
-    except* StartupError as group:
-        failures += [f"wsgate: {error}" for error in leaves(group)]
-    except* ConfigError as group:
-        failures += [
-            f"wsgate: config: {problem}"
-            for error in leaves(group)
-            if isinstance(error, ConfigError)
-            for problem in error.problems
-        ]
-    for failure in failures:
-        print(failure, file=sys.stderr)
-    return 2 if failures else 0
-
-
-async def _run_server(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return (exit status 0)."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            gateway: Gateway = await nursery.start(serve, settings)
-            _print_banner(gateway)
-            async for signum in signals:
-                log.warning("%s received: draining", signal.Signals(signum).name)
-                break
-            with trio.CancelScope() as drain_scope:
-                nursery.start_soon(_second_signal_stops, signals, drain_scope)
-                await gateway.drain()
-            nursery.cancel_scope.cancel()
-
-
-async def _second_signal_stops(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
-    async for _ in signals:
-        log.warning("second signal: stopping without waiting for the drain")
-        scope.cancel()
-        return
-
-
-def _print_banner(gateway: Gateway) -> None:
-    settings = gateway.settings
-    url = gateway.public_url()
-    lines = [f"wsgate listening on {url}"]
-    if gateway.admin_port is not None:
-        admin = f"http://{settings.admin.host}:{gateway.admin_port}"
-        lines.append(f"admin listener on {admin} (demo page: {admin}/demo)")
-    if gateway.dev_tokens is not None:
-        token = gateway.dev_tokens.mint("alice", ttl=3600)
-        lines = [
-            BANNER,
-            f"  DEV MODE: tokens are signed with the dev key at {gateway.dev_tokens.path}",
-            "  (wsgate token uses the same one, from any directory). Not for production.",
-            BANNER,
-            *lines,
-            "token for 'alice' (1 hour; more with: wsgate token --sub NAME):",
-            token,
-            "connect, e.g.:",
-            f"  npx wscat -c {url} -H 'Authorization: Bearer {token}'",
-            "  or the Python client in the README",
-            'then send: {"type":"user_message","text":"hi"}',
-        ]
-    print("\n".join(lines), flush=True)
+    return run(settings)
 
 
 def _token(args: argparse.Namespace) -> int:

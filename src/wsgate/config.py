@@ -183,10 +183,46 @@ class DevSettings:
     audience: str = "wsgate"
 
 
+BUILTIN_APPS = ("demo", "echo", "noop")
+UPSTREAM_ALGORITHMS = ("HS256", "RS256", "ES256")
+
+
+def _app_reference(value: str) -> bool:
+    module, colon, attr = value.partition(":")
+    return value in BUILTIN_APPS or bool(
+        colon and all(part.isidentifier() for part in module.split(".")) and attr.isidentifier()
+    )
+
+
 @attrs.frozen
 class AgentSettings:
-    name: str = attrs.field(default="demo", validator=_one_of("demo", "echo", "noop"))
+    """What serves the runs: a built-in app, an agent imported in process, or an agent
+    service over HTTP (``upstream_url``)."""
+
+    app: str = attrs.field(
+        default="demo",
+        validator=_check(_app_reference, "must be demo, echo, noop or a module:attribute reference"),
+    )
     step_delay: float = attrs.field(default=0.05, validator=_between(0, 60))
+    upstream_url: str | None = None
+    upstream_events: str = attrs.field(default="wsgate", validator=_one_of("wsgate", "ag-ui"))
+    upstream_secret: str | None = attrs.field(default=None, repr=False, metadata=SECRET)
+    upstream_key_file: str | None = None
+    upstream_algorithm: str = attrs.field(default="HS256", validator=_one_of(*UPSTREAM_ALGORITHMS))
+    upstream_issuer: str = "wsgate"
+    upstream_audience: str = "wsgate-upstream"
+    upstream_token_ttl: float = attrs.field(default=300.0, validator=_between(1, 300))
+    forward_client_token: bool = False
+    passthrough_events: tuple[str, ...] = ()
+    connect_timeout: float = attrs.field(default=5.0, validator=_positive())
+    first_event_timeout: float = attrs.field(default=30.0, validator=_positive())
+    idle_timeout: float = attrs.field(default=60.0, validator=_positive())
+    run_timeout: float = attrs.field(default=600.0, validator=_positive())
+    retries: int = attrs.field(default=2, validator=_between(0, 10))
+    backoff_base: float = attrs.field(default=0.2, validator=_positive())
+    backoff_max: float = attrs.field(default=2.0, validator=_positive())
+    max_event_bytes: int = attrs.field(default=1024 * 1024, validator=_between(1024, 64 * 1024 * 1024))
+    max_connections: int = attrs.field(default=100, validator=_positive())
 
 
 @attrs.frozen
@@ -277,9 +313,30 @@ class Settings:
             )
         if not (self.auth.header or self.auth.subprotocol or self.auth.first_message or self.auth.cookie):
             found.append("auth.header: at least one token source must be enabled")
+        found.extend(_agent_problems(self.agent))
         for i, key in enumerate(self.auth.keys):
             found.extend(f"auth.keys[{i}].{p}" for p in _key_problems(key))
         return found
+
+
+def _agent_problems(agent: AgentSettings) -> list[str]:
+    found: list[str] = []
+    if agent.upstream_url is None:
+        return found
+    if not agent.upstream_url.startswith(("http://", "https://")):
+        found.append("agent.upstream_url: must be an http:// or https:// URL")
+    if agent.app != "demo":
+        found.append(f"agent.app: {agent.app} and agent.upstream_url both say what serves runs; set one")
+    hmac = agent.upstream_algorithm == "HS256"
+    if hmac and agent.upstream_secret is None:
+        found.append("agent.upstream_secret: needed to sign the gateway's tokens to the upstream (HS256)")
+    if hmac and agent.upstream_secret is not None and len(agent.upstream_secret.encode()) < 32:
+        found.append("agent.upstream_secret: must be at least 32 bytes")
+    if not hmac and agent.upstream_key_file is None:
+        found.append(f"agent.upstream_key_file: needed for upstream_algorithm = {agent.upstream_algorithm}")
+    if agent.first_event_timeout > agent.run_timeout:
+        found.append("agent.first_event_timeout: must not exceed agent.run_timeout")
+    return found
 
 
 def _key_problems(key: KeySettings) -> list[str]:

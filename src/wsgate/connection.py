@@ -19,7 +19,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from .agent import RawApp
+from .apps import RawApp
 from .auth.authenticator import Authenticator
 from .auth.sources import extract_credentials
 from .auth.tokens import TokenSource

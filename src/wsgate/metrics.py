@@ -50,6 +50,11 @@ FAMILIES: dict[str, Family] = {
     "connection": Family(
         "wsgate_connection_failures", "Connections ended by a bug of ours (logged).", "kind"
     ),
+    "upstream": Family(
+        "wsgate_upstream",
+        "Runs through the agent service: ok, or their error code; retries; events dropped.",
+        "outcome",
+    ),
 }
 PLAIN: dict[str, tuple[str, str]] = {
     "agent_events": ("wsgate_agent_events", "Agent events queued for clients."),
@@ -89,10 +94,16 @@ class Metrics:
         )
 
     def watch(
-        self, *, stats: Counter[str], sessions: Registry, auth: Authenticator, breaker: BreakerActor
+        self,
+        *,
+        stats: Counter[str],
+        sessions: Registry,
+        auth: Authenticator,
+        breaker: BreakerActor,
+        upstream_breaker: BreakerActor | None = None,
     ) -> None:
         """Collect counters and gauges from these at each scrape."""
-        self.registry.register(_GatewayCollector(stats, sessions, auth, breaker))
+        self.registry.register(_GatewayCollector(stats, sessions, auth, breaker, upstream_breaker))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -108,12 +119,18 @@ def _family(name: str, doc: str, label: str, stats: Counter[str], prefix: str) -
 
 class _GatewayCollector(Collector):
     def __init__(
-        self, stats: Counter[str], sessions: Registry, auth: Authenticator, breaker: BreakerActor
+        self,
+        stats: Counter[str],
+        sessions: Registry,
+        auth: Authenticator,
+        breaker: BreakerActor,
+        upstream_breaker: BreakerActor | None,
     ) -> None:
         self._stats = stats
         self._sessions = sessions
         self._auth = auth
         self._breaker = breaker
+        self._upstream_breaker = upstream_breaker
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._stats
@@ -163,3 +180,9 @@ class _GatewayCollector(Collector):
             "transition.",
         )
         yield _family("wsgate_admission", "Admission decisions by verdict.", "verdict", self._auth.stats, "")
+        if self._upstream_breaker is not None:
+            upstream = GaugeMetricFamily(
+                "wsgate_upstream_breaker_state", "Agent-service breaker: 0 closed, 1 half-open, 2 open."
+            )
+            upstream.add_metric([], BREAKER_STATE[self._upstream_breaker.state])
+            yield upstream

@@ -14,8 +14,9 @@ import attrs
 
 PROTOCOL_VERSION = "wsgate.v1"
 
+#: What an agent may emit: the five steps of a run, and ``agent_delta``, a chunk of streamed text.
 AGENT_EVENTS = frozenset(
-    {"agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"}
+    {"agent_started", "agent_thinking", "agent_delta", "tool_executing", "tool_completed", "agent_completed"}
 )
 MAX_ID_LENGTH = 128
 

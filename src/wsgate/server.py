@@ -11,14 +11,15 @@ import random
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import httpx
 import trio
 
 from .admin import AdminApp
-from .agent import Agent, builtin_agent, echo
+from .agent import Agent, NoopAgent
+from .apps import RawApp, is_agent, resolve
 from .auth.authenticator import Authenticator
 from .auth.devkey import DevTokens, dev_key_path, load_dev_secret
 from .auth.introspection import IntrospectionClient
@@ -37,6 +38,7 @@ from .metrics import Metrics, Stats
 from .registry import Registry
 from .session.messages import Pushed
 from .session.sessions import Sessions, new_session_id
+from .upstream.agent import UpstreamAgent
 
 __all__ = ["Gateway", "open_gateway", "serve"]
 
@@ -79,7 +81,6 @@ class Gateway:
         if verifier is None:
             verifier = TokenVerifier.from_settings(auth, load_keys(auth, dev_secret))
         self.verifier = verifier
-        self.agent = agent or builtin_agent(settings.agent.name, settings.agent.step_delay)
         self.registry = Registry(
             per_user=settings.server.max_connections_per_user, total=settings.server.max_connections
         )
@@ -119,14 +120,28 @@ class Gateway:
             key_set=key_set,
             anonymous_ttl=auth.anonymous_ttl,
         )
+        #: The agent service, when runs are relayed to one (``agent.upstream_url``).
+        self.upstream: UpstreamAgent | None = agent if isinstance(agent, UpstreamAgent) else None
+        if agent is None and settings.agent.upstream_url is not None:
+            agent = self.upstream = UpstreamAgent.from_settings(
+                settings, self.clock.now, rng=self._rng, stats=self.stats
+            )
+        app = agent or resolve(settings.agent)
+        raw_app = None if is_agent(app) else cast(RawApp, app)
+        self.agent: Agent = NoopAgent() if raw_app is not None else cast(Agent, app)
         # Session ids are not secrets (the client is told its own); seeded, they are reproducible.
         new_id = new_session_id if rng is None else lambda: f"s-{self._rng.getrandbits(48):012x}"
         self.sessions = Sessions(
             settings, self.agent, self.auth, self.registry, self.clock, self.stats, new_id=new_id
         )
-        raw_app = echo if settings.agent.name == "echo" else None
         self.connections = ConnectionServer(self, raw_app=raw_app)
-        self.metrics.watch(stats=self.stats, sessions=self.registry, auth=self.auth, breaker=self.breaker)
+        self.metrics.watch(
+            stats=self.stats,
+            sessions=self.registry,
+            auth=self.auth,
+            breaker=self.breaker,
+            upstream_breaker=self.upstream.breaker if self.upstream is not None else None,
+        )
 
     def _discovered(self, introspection_url: str | None, token_url: str | None) -> None:
         """Discovery found the provider's endpoints: use them where none is set explicitly."""
@@ -141,6 +156,8 @@ class Gateway:
 
     async def _start(self) -> None:
         await self._nursery.start(self.breaker.run)
+        if self.upstream is not None:
+            await self._nursery.start(self.upstream.breaker.run)
         admin = self.settings.admin
         if admin.port is not None:
             app = AdminApp(self, admin.api_key)
@@ -163,9 +180,11 @@ class Gateway:
             self._nursery.start_soon(self.sessions.revalidate_degraded, self.breaker)
 
     async def _stop(self) -> None:
-        if self._owns_http and self.http is not None:
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            if self._owns_http and self.http is not None:
                 await self.http.aclose()
+            if self.upstream is not None:
+                await self.upstream.aclose()
 
     # -- serving ------------------------------------------------------------
 

@@ -27,7 +27,6 @@ from ..auth.tokens import Identity
 from ..errors import CloseCode
 from ..handshake import Admission
 from ..protocol import (
-    AGENT_EVENTS,
     Auth,
     AuthRefresh,
     Ping,
@@ -308,6 +307,11 @@ class SessionCore:
     # -- runs --------------------------------------------------------------------
 
     @property
+    def token_for_agent(self) -> str | None:
+        """The client's token, for its agent only where ``agent.forward_client_token`` is set."""
+        return self.token if self._rules.share_token else None
+
+    @property
     def runs(self) -> int:
         return len(self._runs)
 
@@ -315,7 +319,7 @@ class SessionCore:
         """An event the agent emits: its text to queue. Raises for an event the agent may
         not send (its run's error, not the session's)."""
         run = self._runs[run_id]
-        if event not in AGENT_EVENTS:
+        if event not in self._rules.agent_events:
             raise ValueError(f"not an agent event: {event!r}")
         if run.completed:
             raise RuntimeError("the run has already completed")

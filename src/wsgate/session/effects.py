@@ -8,7 +8,7 @@ import attrs
 
 from ..config import Settings
 from ..errors import CloseCode
-from ..protocol import UserMessage
+from ..protocol import AGENT_EVENTS, UserMessage
 
 
 class State(enum.Enum):
@@ -29,6 +29,10 @@ class Rules:
     refresh_limit: int = 10
     refresh_window: float = 60.0
     max_protocol_errors: int = 20
+    #: What an agent may emit: wsgate's agent events and ``agent.passthrough_events``.
+    agent_events: frozenset[str] = AGENT_EVENTS
+    #: Whether a run's agent is given the client's token (``agent.forward_client_token``).
+    share_token: bool = False
 
     @classmethod
     def of(cls, settings: Settings) -> Rules:
@@ -41,6 +45,8 @@ class Rules:
             message_burst=server.message_burst,
             refresh_limit=auth.refresh_limit,
             refresh_window=auth.refresh_window,
+            agent_events=AGENT_EVENTS | frozenset(settings.agent.passthrough_events),
+            share_token=settings.agent.forward_client_token,
         )
 
 

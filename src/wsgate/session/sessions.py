@@ -70,14 +70,16 @@ class Sessions:
 
     def admission(self, result: Authenticated, subprotocol: str | None, token: str | None) -> Admission:
         """What an authenticated token admits. The token itself is kept (in memory only)
-        where the auth service may re-check it, and never for an anonymous session."""
-        kept = token if self._auth.introspection is not None else None
+        where the auth service may re-check it or the agent service is to be given it
+        (``agent.forward_client_token``), and never for an anonymous session."""
+        keep = self._auth.introspection is not None or self._settings.agent.forward_client_token
+        kept = token if keep and not result.identity.anonymous else None
         return Admission(result.identity, subprotocol, result.degraded, token=kept)
 
     def new(self, ws: WebSocketConnection, admission: Admission) -> Session:
         identity = admission.identity
         lifecycle = TokenLifecycle(
-            self._lifecycles[admission.token is not None],
+            self._lifecycles[admission.token is not None and self._auth.introspection is not None],
             identity.expires_at,
             identity.issued_at,
             self._clock.now(),

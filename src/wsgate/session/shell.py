@@ -354,7 +354,8 @@ class Session:
             await self._queue(self.core.run_event(run_id, event, data))
             await trio.lowlevel.checkpoint()  # emit is a checkpoint, like any send in Trio
 
-        ctx = RunContext(run_id=run_id, session_id=self.id, identity=self.identity)
+        core = self.core
+        ctx = RunContext(run_id, core.id, core.identity, message.id, core.degraded, core.token_for_agent)
         status = "ok"
         try:
             with scope:
