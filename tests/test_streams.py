@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -46,3 +47,16 @@ async def test_forget_head_empties_the_head_chunks_handed_out() -> None:
     guarded.forget_head()
     assert (first, second) == (b"", b"")  # emptied in place
     assert after == b"\x81\x01x"  # past the head: handed out as it came, not kept
+
+
+async def test_after_a_write_cut_short_nothing_more_is_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A write cancelled midway may have sent part of a frame: a close frame after it would be
+    garbage to the peer. Without the refusal, the second write below reaches the peer."""
+    _client, server = trio.testing.lockstep_stream_pair()
+    guarded = GuardedStream(server)
+    with trio.move_on_after(1):
+        await guarded.send_all(b"half a frame")  # the peer reads nothing: stuck
+    with pytest.raises(trio.BrokenResourceError, match="cut short"):
+        await guarded.send_all(b"a close frame")

@@ -23,6 +23,7 @@ from .auth.authenticator import Authenticator
 from .breaker import BreakerState
 from .breaker_actor import BreakerActor
 from .registry import Registry
+from .upstream.agent import UpstreamAgent
 
 BREAKER_STATE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -49,11 +50,6 @@ FAMILIES: dict[str, Family] = {
     "send": Family("wsgate_send", "Back-pressure events.", "event"),
     "connection": Family(
         "wsgate_connection_failures", "Connections ended by a bug of ours (logged).", "kind"
-    ),
-    "upstream": Family(
-        "wsgate_upstream",
-        "Runs through the agent service: ok, or their error code; retries; events dropped.",
-        "outcome",
     ),
 }
 PLAIN: dict[str, tuple[str, str]] = {
@@ -100,10 +96,10 @@ class Metrics:
         sessions: Registry,
         auth: Authenticator,
         breaker: BreakerActor,
-        upstream_breaker: BreakerActor | None = None,
+        upstream: UpstreamAgent | None = None,
     ) -> None:
         """Collect counters and gauges from these at each scrape."""
-        self.registry.register(_GatewayCollector(stats, sessions, auth, breaker, upstream_breaker))
+        self.registry.register(_GatewayCollector(stats, sessions, auth, breaker, upstream))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -124,13 +120,13 @@ class _GatewayCollector(Collector):
         sessions: Registry,
         auth: Authenticator,
         breaker: BreakerActor,
-        upstream_breaker: BreakerActor | None,
+        upstream: UpstreamAgent | None,
     ) -> None:
         self._stats = stats
         self._sessions = sessions
         self._auth = auth
         self._breaker = breaker
-        self._upstream_breaker = upstream_breaker
+        self._upstream = upstream
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._stats
@@ -180,9 +176,16 @@ class _GatewayCollector(Collector):
             "transition.",
         )
         yield _family("wsgate_admission", "Admission decisions by verdict.", "verdict", self._auth.stats, "")
-        if self._upstream_breaker is not None:
-            upstream = GaugeMetricFamily(
+        if self._upstream is not None:
+            yield _family(
+                "wsgate_upstream",
+                "Runs through the agent service: ok, or their error code; retries; events dropped.",
+                "outcome",
+                self._upstream.stats,
+                "",
+            )
+            state = GaugeMetricFamily(
                 "wsgate_upstream_breaker_state", "Agent-service breaker: 0 closed, 1 half-open, 2 open."
             )
-            upstream.add_metric([], BREAKER_STATE[self._upstream_breaker.state])
-            yield upstream
+            state.add_metric([], BREAKER_STATE[self._upstream.breaker.state])
+            yield state

@@ -123,9 +123,7 @@ class Gateway:
         #: The agent service, when runs are relayed to one (``agent.upstream_url``).
         self.upstream: UpstreamAgent | None = agent if isinstance(agent, UpstreamAgent) else None
         if agent is None and settings.agent.upstream_url is not None:
-            agent = self.upstream = UpstreamAgent.from_settings(
-                settings, self.clock.now, rng=self._rng, stats=self.stats
-            )
+            agent = self.upstream = UpstreamAgent.from_settings(settings, self.clock.now, rng=self._rng)
         app = agent or resolve(settings.agent)
         raw_app = None if is_agent(app) else cast(RawApp, app)
         self.agent: Agent = NoopAgent() if raw_app is not None else cast(Agent, app)
@@ -140,7 +138,7 @@ class Gateway:
             sessions=self.registry,
             auth=self.auth,
             breaker=self.breaker,
-            upstream_breaker=self.upstream.breaker if self.upstream is not None else None,
+            upstream=self.upstream,
         )
 
     def _discovered(self, introspection_url: str | None, token_url: str | None) -> None:

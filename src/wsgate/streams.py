@@ -56,6 +56,7 @@ REFUSE_400_BARE_LF = (400, raw_response(400, "request lines must end with CRLF")
 
 class GuardedStream(trio.abc.Stream):
     __slots__ = (
+        "_cut_short",
         "_first_line",
         "_head_chunks",
         "_head_done",
@@ -78,6 +79,7 @@ class GuardedStream(trio.abc.Stream):
         #: The status and raw answer the request head earned (431, 400) before any parser saw it.
         self.refusal: tuple[int, bytes] | None = None
         self._watcher: trio.CancelScope | None = None
+        self._cut_short = False
         self._head_seen = 0
         self._head_lines = 0
         self._head_done = False
@@ -102,7 +104,16 @@ class GuardedStream(trio.abc.Stream):
         self._trouble()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        """Write to the peer. A write that did not finish (cancelled, say, at the bound of
+        a stuck consumer) may have sent part of a frame: nothing more may follow it, not
+        even a close frame, so every later write is refused and the stream gets closed."""
+        if self._cut_short:
+            raise trio.BrokenResourceError("an earlier write was cut short")
+        try:
+            await self._stream.send_all(data)
+        except BaseException:
+            self._cut_short = True
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()

@@ -77,7 +77,6 @@ class UpstreamAgent:
         tokens: RunTokens,
         *,
         rng: random.Random | None = None,
-        stats: Counter[str] | None = None,
     ) -> None:
         assert settings.upstream_url is not None
         self.url = settings.upstream_url
@@ -86,7 +85,8 @@ class UpstreamAgent:
         self._breaker = breaker
         self._tokens = tokens
         self._rng = rng or random.Random()
-        self.stats: Counter[str] = stats if stats is not None else Counter()
+        #: ok, or each error code; retried; dropped_events.
+        self.stats: Counter[str] = Counter()
 
     @classmethod
     def from_settings(
@@ -95,7 +95,6 @@ class UpstreamAgent:
         now: Callable[[], float],
         *,
         rng: random.Random | None = None,
-        stats: Counter[str] | None = None,
     ) -> UpstreamAgent:
         """One pooled client (keep-alive, at most ``agent.max_connections``) and the agent
         service's own breaker, configured like the auth service's (``breaker.*``)."""
@@ -110,7 +109,7 @@ class UpstreamAgent:
             CircuitBreaker(BreakerConfig(**settings.breaker.for_calls(agent.first_event_timeout))),
             name="agent service",
         )
-        return cls(agent, http, breaker, RunTokens(agent, now), rng=rng, stats=stats)
+        return cls(agent, http, breaker, RunTokens(agent, now), rng=rng)
 
     @property
     def breaker(self) -> BreakerActor:
@@ -132,9 +131,9 @@ class UpstreamAgent:
                 "upstream_timeout", f"the run took longer than agent.run_timeout ({settings.run_timeout:g} s)"
             )
         if failure is None:
-            self.stats["upstream.ok"] += 1
+            self.stats["ok"] += 1
             return
-        self.stats[f"upstream.{failure.code}"] += 1
+        self.stats[failure.code] += 1
         log.warning(
             "upstream run failed: %s",
             failure.message,
@@ -180,7 +179,7 @@ class UpstreamAgent:
                 delay = full_jitter(self._rng, attempt, settings.backoff_base, settings.backoff_max)
                 if trio.current_time() + delay >= first_by:
                     break
-                self.stats["upstream.retried"] += 1
+                self.stats["retried"] += 1
                 await trio.sleep(delay)
             permit = await self._breaker.acquire()
             if permit is None:
@@ -298,7 +297,7 @@ class UpstreamAgent:
         settings = self._settings
         translated = translate(*event, settings.upstream_events, settings.passthrough_events)
         if translated is None:
-            self.stats["upstream.dropped_events"] += 1
+            self.stats["dropped_events"] += 1
             return False
         kind, fields = translated
         await emit(kind, **fields)
