@@ -501,7 +501,7 @@ async def test_a_slow_client_slows_the_backend_and_memory_stays_within_the_queue
         await trio.sleep(10)  # reads nothing meanwhile
         await trio.testing.wait_all_tasks_blocked()
         assert backend.closed == [1] and backend.finished == []
-        assert h.gateway.stats["send.slow_consumer_closed"] == 1
+        assert h.gateway.stats["close.1008"] == 1  # a slow consumer (its queue, or a stuck write)
         assert h.gateway.stats["close.1011"] == 0
 
 
