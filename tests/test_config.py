@@ -58,6 +58,31 @@ def test_configured_key_turns_dev_mode_off() -> None:
         ({"WSGATE_AGENT__APP": "gpt"}, "agent.app: must be demo, echo, noop or a module:attribute reference"),
         ({"WSGATE_AUTH__HMAC_SECRET": "short"}, "auth.hmac_secret: must be at least 32 bytes"),
         (
+            {"WSGATE_AGENT__UPSTREAM_URL": "http://agent:9000/runs"},
+            "agent.upstream_secret: needed to sign the gateway's tokens to the upstream (HS256)",
+        ),
+        (
+            {"WSGATE_AGENT__UPSTREAM_URL": "agent:9000", "WSGATE_AGENT__UPSTREAM_SECRET": "x" * 32},
+            "agent.upstream_url: must be an http:// or https:// URL",
+        ),
+        (
+            {"WSGATE_AGENT__UPSTREAM_URL": "http://a/r", "WSGATE_AGENT__UPSTREAM_SECRET": "short"},
+            "agent.upstream_secret: must be at least 32 bytes",
+        ),
+        (
+            {"WSGATE_AGENT__UPSTREAM_URL": "http://a/r", "WSGATE_AGENT__UPSTREAM_ALGORITHM": "ES256"},
+            "agent.upstream_key_file: needed for upstream_algorithm = ES256",
+        ),
+        (
+            {
+                "WSGATE_AGENT__UPSTREAM_URL": "http://a/r",
+                "WSGATE_AGENT__UPSTREAM_SECRET": "x" * 32,
+                "WSGATE_AGENT__APP": "noop",
+            },
+            "agent.app: noop and agent.upstream_url both say what serves runs; set one",
+        ),
+        ({"WSGATE_AGENT__UPSTREAM_TOKEN_TTL": "3600"}, "agent.upstream_token_ttl: must be between 1 and 300"),
+        (
             {"WSGATE_ENVIRONMENT": "production", "WSGATE_DEV__ENABLED": "1"},
             "dev.enabled: dev mode is refused when environment is production",
         ),

@@ -93,8 +93,59 @@ def test_the_readme_agent_test_passes_under_pytest_trio(tmp_path: Path) -> None:
     assert "1 passed" in run.stdout
 
 
+@pytest.mark.slow
+def test_the_upstream_example_serves_through_wsgate(tmp_path: Path) -> None:
+    """docs/upstream.md's backend, on uvicorn, behind ``wsgate serve --upstream``."""
+    import asyncio
+    import socket
+
+    import websockets
+
+    from conftest import start_process
+
+    (backend,) = (code for where, code in blocks("python") if where.startswith("docs/upstream"))
+    (tmp_path / "backend.py").write_text(backend)
+    lines = [line for _, code in blocks("sh") for line in code.splitlines() if "UPSTREAM_SECRET=" in line]
+    secret = lines[0].split("=", 1)[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "WSGATE_AGENT__UPSTREAM_SECRET": secret}
+    uvicorn, _ = start_process(
+        [sys.executable, "-m", "uvicorn", "backend:app", "--port", str(port)],
+        "Uvicorn running",
+        what="the example backend",
+        cwd=tmp_path,
+        env=env,
+        stream="stderr",
+    )
+    server = start_server(tmp_path, "--upstream", f"http://127.0.0.1:{port}/runs", env=env)
+    try:
+        token = server.token("--sub", "alice")
+
+        async def main() -> list[dict[str, object]]:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with websockets.connect(server.url, additional_headers=headers) as ws:
+                await ws.recv()
+                await ws.send(json.dumps({"type": "user_message", "text": "two words"}))
+                events: list[dict[str, object]] = []
+                while not events or events[-1]["type"] != "agent_completed":
+                    events.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
+                return events
+
+        events = asyncio.run(main())
+    finally:
+        stop(server)
+        uvicorn.terminate()
+        uvicorn.communicate(timeout=15)
+    assert [e["type"] for e in events] == ["agent_started", "agent_delta", "agent_delta", "agent_completed"]
+    assert events[-1]["output"] == "alice, that was 2 words"
+
+
 def test_no_python_block_goes_unrun() -> None:
-    assert len(blocks("python")) == 2  # the two above: a new one needs its runner here
+    # The three here, and docs/operations.md's embedding (tests/test_apps.py): a new one needs
+    # its runner.
+    assert len(blocks("python")) == 4
 
 
 @pytest.mark.parametrize(("where", "code"), blocks("toml"))
@@ -138,6 +189,11 @@ def test_shell_lines_name_real_commands_and_options(where: str, command: str, tm
             _parser().parse_args(words[1:])  # exits (SystemExit) on an unknown option
     elif program == "python":
         assert words[1] == "client.py"  # run by test_the_readme_client_runs_against_the_dev_server
+    elif program == "export":
+        name, _, value = words[1].partition("=")
+        assert name == "WSGATE_AGENT__UPSTREAM_SECRET" and len(value) >= 32, where
+    elif program == "uvicorn":
+        assert words[1] == "backend:app"  # run by test_the_upstream_example_serves_through_wsgate
     elif program == "curl":
         method = words[words.index("-X") + 1]
         url = next(w for w in words if w.startswith("http://"))

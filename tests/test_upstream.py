@@ -458,6 +458,7 @@ async def test_the_breaker_opens_after_repeated_failures_and_no_call_is_made_whi
         assert error == {"code": "upstream_unavailable", "message": "the agent service's breaker is open"}
         assert len(backend.requests) == 4  # no call while open
         assert b"wsgate_upstream_breaker_state 2.0" in h.gateway.metrics.exposition()
+        assert h.gateway.readiness_detail() == {"upstream_breaker": "open"}
         await trio.sleep(31)  # open_wait: half-open lets probes through
         assert completed(await client.run("x"))["error"]["message"] == "the agent service answered 503"
         assert len(backend.requests) == 5

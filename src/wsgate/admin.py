@@ -31,6 +31,8 @@ class Operated(Protocol):
 
     def readiness_problems(self) -> list[str]: ...
 
+    def readiness_detail(self) -> dict[str, Any]: ...
+
     def public_url(self) -> str: ...
 
     async def check_token(self, token: str) -> dict[str, Any]: ...
@@ -62,7 +64,8 @@ class AdminApp:
             return _json(200, {"status": "ok"})
         if path == "/readyz" and request.method == "GET":
             problems = self._gateway.readiness_problems()
-            return _json(503 if problems else 200, {"ready": not problems, "problems": problems})
+            body = {"ready": not problems, "problems": problems, **self._gateway.readiness_detail()}
+            return _json(503 if problems else 200, body)
         if path == "/demo" and request.method == "GET":
             return Response(200, DEMO_PAGE, content_type="text/html; charset=utf-8")
         if path == "/demo/config" and request.method == "GET":

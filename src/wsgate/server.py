@@ -244,6 +244,13 @@ class Gateway:
                 )
         return problems
 
+    def readiness_detail(self) -> dict[str, Any]:
+        """What ``/readyz`` shows besides its problems: the agent service's breaker, if any.
+        An open one is not a problem of this gateway's (every gateway shares the service)."""
+        if self.upstream is None:
+            return {}
+        return {"upstream_breaker": self.upstream.breaker.state.value}
+
     async def drain(self) -> None:
         """Stop admitting (503), let runs finish up to ``drain_timeout``, then cancel them;
         every connection ends with 1001 and a jittered reconnect hint."""
