@@ -347,7 +347,51 @@ async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
         results["breaker_decisions_per_s"] = {"wsgate": breaker_decisions(1 if quick else 5)}
     if not only or any(o in "auth outage" for o in only):
         results.update(await measure_auth(quick))
+    if not only or any(o in "upstream" for o in only):
+        results.update(await measure_upstream(quick, rounds))
     return results
+
+
+async def measure_upstream(quick: bool, rounds: int) -> dict[str, Any]:
+    """A run's round trip through the agent service (a Starlette backend streaming the no-op
+    agent's five events) against the same run in process, rounds interleaved; and the
+    gateway's CPU per event it relays."""
+    secret = "benchmark-upstream-secret-0123456789abcdef"
+    backend = Server("backend", [sys.executable, "-m", "benchmarks.backend", secret])
+    port = backend.url.split(":")[2].split("/")[0]
+    upstream_env = {
+        **WSGATE_ENV,
+        "WSGATE_AGENT__UPSTREAM_URL": f"http://127.0.0.1:{port}/runs",
+        "WSGATE_AGENT__UPSTREAM_SECRET": secret,
+    }
+    serve = [sys.executable, "-m", "wsgate", "serve", "--port", "0"]
+    servers = {
+        "upstream": Server("upstream", serve, upstream_env),
+        "in process": Server("in process", [*serve, "--app", "noop"], WSGATE_ENV),
+    }
+    run_message = json.dumps({"type": "user_message", "text": "hi"})
+    count = 200 if quick else 2000
+    trips: dict[str, list[dict[str, float]]] = {}
+    cpu: dict[str, list[float]] = {}
+    try:
+        for server in servers.values():  # untimed: warm caches and the backend's pool
+            await latency(server.url, 50, run_message, "agent_completed", lambda done, total: None)
+        for _ in range(rounds):
+            for name, server in servers.items():
+                before = server.cpu_seconds()
+                trip = await latency(
+                    server.url, count, run_message, "agent_completed", progress(f"run {name}")
+                )
+                cpu.setdefault(name, []).append(1e6 * (server.cpu_seconds() - before) / (count * 5))
+                trips.setdefault(name, []).append(trip)
+    finally:
+        for server in servers.values():
+            server.stop()
+        backend.stop()
+    return {
+        "upstream_round_trip": {name: median(values) for name, values in trips.items()},
+        "upstream_cpu_us_per_event": {name: median(values) for name, values in cpu.items()},
+    }
 
 
 def wsgate_with_auth(fake: FakeAuth, policy: str) -> Server:
@@ -425,6 +469,10 @@ def report(results: dict[str, Any], quick: bool) -> None:
     for metric, by in results.items():
         if metric.startswith("outage_"):
             continue
+        if metric.startswith("upstream_"):
+            upstream, local = value(by["upstream"]), value(by["in process"])
+            print(f"{metric:<30}{upstream:>12.2f}{'':>14}{'':>12}{upstream / local:>10.2f}  (vs in process)")
+            continue
         if metric == "introspection_handshakes_per_s":
             print(f"{'introspection hs/s cold':<30}{by['wsgate cold']:>12.1f}")
             print(f"{'introspection hs/s warm':<30}{by['wsgate warm']:>12.1f}")
@@ -440,6 +488,10 @@ def report(results: dict[str, Any], quick: bool) -> None:
             print(f"{'  (p99 ms)':<30}" + "".join(f"{p:>12}" for p in p99))
     print(
         "round_trip: wsgate is user_message -> agent_completed (no-op agent, 5 events); the others echo once."
+    )
+    print(
+        "upstream_*: the same run relayed from a Starlette backend (p50 ms; gateway CPU µs per relayed"
+        " event), against the no-op agent in process."
     )
     report_outage(results)
 
