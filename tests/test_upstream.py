@@ -535,3 +535,60 @@ async def test_an_event_split_across_chunks_is_measured_whole() -> None:
     with pytest.raises(Exception, match="larger than"):
         async for _ in bounded_text(chunks("data: " + "x" * 60, "x" * 60), 100):
             pass
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+def test_run_tokens_can_be_signed_with_a_private_key(tmp_path: Any, algorithm: str) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from wsgate.agent import RunContext
+    from wsgate.auth.tokens import Identity, TokenSource
+
+    key = (
+        rsa.generate_private_key(65537, 2048)
+        if algorithm == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "run.pem").write_bytes(pem)
+    settings = settings_for_tests(
+        **{
+            "agent.upstream_url": URL,
+            "agent.upstream_algorithm": algorithm,
+            "agent.upstream_key_file": str(tmp_path / "run.pem"),
+        }
+    )
+    tokens = RunTokens(settings.agent, lambda: 1_000.0)
+    ctx = RunContext("r3", "s-1", Identity("bob", 2_000.0, TokenSource.HEADER, scopes=frozenset({"a"})))
+    claims = jwt.decode(
+        tokens.mint(ctx),
+        key.public_key(),
+        algorithms=[algorithm],
+        audience="wsgate-upstream",
+        options={"verify_exp": False, "verify_iat": False},
+    )
+    assert (claims["sub"], claims["jti"], claims["scope"], claims["exp"] - claims["iat"]) == (
+        "bob",
+        "s-1:r3",
+        "a",
+        300,
+    )
+    assert "tenant" not in claims
+
+
+def test_a_key_file_that_is_not_a_private_key_is_refused_naming_the_setting(tmp_path: Any) -> None:
+    from wsgate.errors import StartupError
+
+    (tmp_path / "bad.pem").write_text("not a key")
+    settings = settings_for_tests(
+        **{
+            "agent.upstream_url": URL,
+            "agent.upstream_algorithm": "ES256",
+            "agent.upstream_key_file": str(tmp_path / "bad.pem"),
+        }
+    )
+    with pytest.raises(StartupError, match=r"^agent.upstream_key_file: cannot load a private key"):
+        RunTokens(settings.agent, time.time)
