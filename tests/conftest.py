@@ -131,6 +131,26 @@ def start_server(
     return Server(proc, match.group(1), cwd, admin)
 
 
+def run_once(server: Server, text: str, subject: str = "alice") -> list[dict[str, Any]]:
+    """One run over loopback with the ``websockets`` client: a token for ``subject`` from
+    ``wsgate token``, a connection, ``text`` sent, and its events up to ``agent_completed``."""
+    import websockets
+
+    token = server.token("--sub", subject)
+
+    async def main() -> list[dict[str, Any]]:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with websockets.connect(server.url, additional_headers=headers) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 15))["type"] == "session.ready"
+            await ws.send(json.dumps({"type": "user_message", "text": text}))
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["type"] != "agent_completed":
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
+            return events
+
+    return asyncio.run(main())
+
+
 def stop(server: Server) -> str:
     server.proc.terminate()
     try:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import websockets
 
-from conftest import WSGATE, data_home, start_process, start_server, stop
+from conftest import WSGATE, data_home, run_once, start_process, start_server, stop
 from test_snippets import blocks
 from wsgate.apps import load_agent
 from wsgate.errors import StartupError
@@ -96,16 +96,7 @@ def test_wsgate_serve_app_serves_your_agent_and_refuses_a_bad_one_in_one_line(tm
     (tmp_path / "my_agents.py").write_text(AGENTS)
     server = start_server(tmp_path, "--app", "my_agents:Shout")
     try:
-        token = server.token("--sub", "alice")
-
-        async def main() -> list[dict[str, Any]]:
-            headers = {"Authorization": f"Bearer {token}"}
-            async with websockets.connect(server.url, additional_headers=headers) as ws:
-                await ws.recv()
-                await ws.send(json.dumps({"type": "user_message", "text": "hi"}))
-                return [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(2)]
-
-        events = asyncio.run(main())
+        events = run_once(server, "hi")
     finally:
         stop(server)
     assert events[-1]["output"] == "HI"

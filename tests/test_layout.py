@@ -1,5 +1,6 @@
 """The package's shape: no import cycles (not even hidden under TYPE_CHECKING), modules of
-a readable size, and no parking on trio.lowlevel.wait_task_rescheduled."""
+a readable size, no parking on trio.lowlevel.wait_task_rescheduled, and the WebSocket
+engine's privates touched from one module."""
 
 from __future__ import annotations
 
@@ -111,3 +112,18 @@ def test_every_counter_family_is_exported() -> None:
         assert f'{family.metric}_total{{{family.label}="x"}} 1.0' in text, family.metric
     for metric, _ in PLAIN.values():
         assert f"{metric}_total 1.0" in text, metric
+
+
+def test_no_module_is_longer_than_a_reader_holds_in_mind() -> None:
+    lengths = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines()) for p in SRC.rglob("*.py")}
+    assert {name: n for name, n in lengths.items() if n > 420} == {}
+
+
+def test_trio_websocket_and_wsproto_privates_are_touched_from_wsconn_only() -> None:
+    import re
+
+    privates = re.compile(
+        r"\._(reader_task|get_request|open_handshake|wsproto|stream_lock|proto|state)\b|\._send\("
+    )
+    touched = {p.name for p in SRC.rglob("*.py") if privates.search(p.read_text())}
+    assert touched == {"wsconn.py"}

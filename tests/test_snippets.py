@@ -96,12 +96,9 @@ def test_the_readme_agent_test_passes_under_pytest_trio(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_the_upstream_example_serves_through_wsgate(tmp_path: Path) -> None:
     """docs/upstream.md's backend, on uvicorn, behind ``wsgate serve --upstream``."""
-    import asyncio
     import socket
 
-    import websockets
-
-    from conftest import start_process
+    from conftest import run_once, start_process
 
     (backend,) = (code for where, code in blocks("python") if where.startswith("docs/upstream"))
     (tmp_path / "backend.py").write_text(backend)
@@ -121,19 +118,7 @@ def test_the_upstream_example_serves_through_wsgate(tmp_path: Path) -> None:
     )
     server = start_server(tmp_path, "--upstream", f"http://127.0.0.1:{port}/runs", env=env)
     try:
-        token = server.token("--sub", "alice")
-
-        async def main() -> list[dict[str, object]]:
-            headers = {"Authorization": f"Bearer {token}"}
-            async with websockets.connect(server.url, additional_headers=headers) as ws:
-                await ws.recv()
-                await ws.send(json.dumps({"type": "user_message", "text": "two words"}))
-                events: list[dict[str, object]] = []
-                while not events or events[-1]["type"] != "agent_completed":
-                    events.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
-                return events
-
-        events = asyncio.run(main())
+        events = run_once(server, "two words")
     finally:
         stop(server)
         uvicorn.terminate()

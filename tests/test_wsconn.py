@@ -126,7 +126,7 @@ def test_the_opening_handshake_is_let_go_once_over() -> None:
 
 
 def test_the_privates_we_rely_on_are_where_we_use_them() -> None:
-    """The privates listed in wsgate/wsconn.py and wsgate/tokens.py, as those modules use
+    """The privates listed in wsgate/wsconn.py and wsgate/auth/keys.py, as those modules use
     them: an upgrade that moves one fails here, not silently in production."""
     import inspect
 
@@ -146,6 +146,6 @@ def test_the_privates_we_rely_on_are_where_we_use_them() -> None:
     assert "_frame_decoder" in inspect.getsource(FrameProtocol.__init__)
     assert "self.extensions" in inspect.getsource(FrameDecoder.__init__)
     assert "extension.frame_inbound_header" in inspect.getsource(FrameDecoder)
-    # tokens.py: the PyJWS method _JWS overrides, and PyJWT's own PyJWS it replaces.
+    # auth/keys.py: the PyJWS method _JWS overrides, and PyJWT's own PyJWS it replaces.
     assert "_decode_base64url_segment" in vars(jwt.api_jws.PyJWS)
     assert isinstance(JWT._jws, _JWS)
