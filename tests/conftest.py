@@ -190,3 +190,41 @@ async def recv(ws: Any) -> dict[str, Any]:
     async with asyncio.timeout(10):
         message: dict[str, Any] = json.loads(await ws.recv())
     return message
+
+
+class Redis:
+    """A real ``redis-server`` on 127.0.0.1 and a free port, with a temp dir of its own; it
+    can be killed and started again on the same port."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        self.root = root
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[str] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc, _ = start_process(
+            [
+                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root)),
+                *("--save", "", "--appendonly", "no"),
+            ],
+            r"Ready to accept connections",
+            what="redis-server",
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.communicate()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.communicate(timeout=15)
+            self.proc = None

@@ -122,8 +122,6 @@ def test_no_module_is_longer_than_a_reader_holds_in_mind() -> None:
 def test_trio_websocket_and_wsproto_privates_are_touched_from_wsconn_only() -> None:
     import re
 
-    privates = re.compile(
-        r"\._(reader_task|get_request|open_handshake|wsproto|stream_lock|proto|state)\b|\._send\("
-    )
+    privates = re.compile(r"\._(reader_task|get_request|open_handshake|wsproto|stream_lock|frame_decoder)\b")
     touched = {p.name for p in SRC.rglob("*.py") if privates.search(p.read_text())}
     assert touched == {"wsconn.py"}

@@ -37,13 +37,13 @@ class Operated(Protocol):
 
     async def check_token(self, token: str) -> dict[str, Any]: ...
 
-    def publish(
+    async def push(
         self, subject: str, event: dict[str, Any], *, tenant: str | None = None
-    ) -> tuple[int, int]: ...
+    ) -> dict[str, Any]: ...
 
-    def revoke(
+    async def revoke_everywhere(
         self, *, jti: str | None = None, subject: str | None = None, tenant: str | None = None
-    ) -> int: ...
+    ) -> dict[str, Any]: ...
 
 
 DEMO_PAGE = (resources.files("wsgate") / "static" / "demo.html").read_bytes()
@@ -93,7 +93,7 @@ class AdminApp:
             body = loads_strict(request.body.decode())
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
-            return self._publish(body) if path == "/publish" else self._revoke(body)
+            return await (self._publish(body) if path == "/publish" else self._revoke(body))
         except (ValueError, TypeError) as exc:
             return _json(400, {"error": str(exc)})
         except RecursionError:
@@ -127,7 +127,7 @@ class AdminApp:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._key)
 
-    def _publish(self, body: dict[str, Any]) -> Response:
+    async def _publish(self, body: dict[str, Any]) -> Response:
         subject, tenant, event = body.get("subject"), body.get("tenant"), body.get("event")
         if not isinstance(subject, str) or not subject:
             raise ValueError("'subject' must be a non-empty string")
@@ -135,10 +135,9 @@ class AdminApp:
             raise ValueError("'tenant' must be a string")
         if not isinstance(event, dict):
             raise ValueError("'event' must be a JSON object")
-        delivered, connections = self._gateway.publish(subject, event, tenant=tenant)
-        return _json(200, {"delivered": delivered, "connections": connections})
+        return _json(200, await self._gateway.push(subject, event, tenant=tenant))
 
-    def _revoke(self, body: dict[str, Any]) -> Response:
+    async def _revoke(self, body: dict[str, Any]) -> Response:
         jti, subject, tenant = body.get("jti"), body.get("subject"), body.get("tenant")
         if (jti is None) == (subject is None):
             raise ValueError("give exactly one of 'jti' and 'subject'")
@@ -146,4 +145,4 @@ class AdminApp:
             raise ValueError("'jti' or 'subject' must be a string")
         if tenant is not None and not isinstance(tenant, str):
             raise ValueError("'tenant' must be a string")
-        return _json(200, {"closed": self._gateway.revoke(jti=jti, subject=subject, tenant=tenant)})
+        return _json(200, await self._gateway.revoke_everywhere(jti=jti, subject=subject, tenant=tenant))

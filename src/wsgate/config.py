@@ -226,6 +226,15 @@ class AgentSettings:
 
 
 @attrs.frozen
+class ClusterSettings:
+    """Several gateway nodes as one: pushes and revocations through Redis."""
+
+    redis_url: str | None = attrs.field(default=None, repr=False, metadata=SECRET)
+    call_timeout: float = attrs.field(default=1.0, validator=_positive())
+    reconnect_max: float = attrs.field(default=5.0, validator=_positive())
+
+
+@attrs.frozen
 class LogSettings:
     level: str = attrs.field(default="info", validator=_one_of("debug", "info", "warning", "error"))
     format: str = attrs.field(default="text", validator=_one_of("text", "json"))
@@ -240,6 +249,7 @@ class Settings:
     admin: AdminSettings = AdminSettings()
     dev: DevSettings = DevSettings()
     agent: AgentSettings = AgentSettings()
+    cluster: ClusterSettings = ClusterSettings()
     log: LogSettings = LogSettings()
 
     @property
@@ -314,6 +324,9 @@ class Settings:
         if not (self.auth.header or self.auth.subprotocol or self.auth.first_message or self.auth.cookie):
             found.append("auth.header: at least one token source must be enabled")
         found.extend(_agent_problems(self.agent))
+        url = self.cluster.redis_url
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            found.append("cluster.redis_url: must be a redis://, rediss:// or unix:// URL")
         for i, key in enumerate(self.auth.keys):
             found.extend(f"auth.keys[{i}].{p}" for p in _key_problems(key))
         return found

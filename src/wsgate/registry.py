@@ -10,7 +10,7 @@ that gives it back.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -90,8 +90,23 @@ class LeaseHolder:
             self.lease.release()
 
 
+def _nothing(key: UserKey) -> None:
+    pass
+
+
 class Registry:
-    def __init__(self, *, per_user: int, total: int) -> None:
+    def __init__(
+        self,
+        *,
+        per_user: int,
+        total: int,
+        on_open: Callable[[UserKey], None] = _nothing,
+        on_close: Callable[[UserKey], None] = _nothing,
+    ) -> None:
+        """``on_open`` and ``on_close``: told when a user's first connection here is admitted
+        and when its last is gone (the broker follows the user's pushes in between)."""
+        self._on_open = on_open
+        self._on_close = on_close
         self._hubs: dict[UserKey, Hub] = {}
         self._per_user = per_user
         self._total = total
@@ -122,6 +137,7 @@ class Registry:
         hub = self._hubs.get(key)
         if hub is None:
             hub = self._hubs[key] = Hub(key)
+            self._on_open(key)
         if self._leases == 0:
             self._empty = trio.Event()
         hub.leases += 1
@@ -133,6 +149,7 @@ class Registry:
         self._leases -= 1
         if hub.leases == 0:
             del self._hubs[hub.key]
+            self._on_close(hub.key)
         if self._leases == 0:
             self._empty.set()
 

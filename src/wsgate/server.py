@@ -29,6 +29,7 @@ from .auth.policy import Level
 from .auth.tokens import TokenSource, TokenVerifier
 from .breaker import BreakerConfig, CircuitBreaker
 from .breaker_actor import BreakerActor
+from .broker import Broker, LocalBroker, RedisBroker, Revocation, UserKey
 from .clock import WallClock
 from .config import Settings
 from .connection import ConnectionServer
@@ -81,14 +82,29 @@ class Gateway:
         if verifier is None:
             verifier = TokenVerifier.from_settings(auth, load_keys(auth, dev_secret))
         self.verifier = verifier
+        self._rng = rng or random.Random()
+        cluster = settings.cluster
+        #: What this node tells the others (pushes, revocations), and hears from them.
+        self.broker: Broker = (
+            RedisBroker(
+                cluster.redis_url,
+                call_timeout=cluster.call_timeout,
+                reconnect_max=cluster.reconnect_max,
+                rng=self._rng,
+            )
+            if cluster.redis_url is not None
+            else LocalBroker()
+        )
         self.registry = Registry(
-            per_user=settings.server.max_connections_per_user, total=settings.server.max_connections
+            per_user=settings.server.max_connections_per_user,
+            total=settings.server.max_connections,
+            on_open=self.broker.watch,
+            on_close=self.broker.unwatch,
         )
         self.stats: Counter[str] = Stats()
         self.addresses: list[tuple[str, int]] = []
         self.admin_port: int | None = None
         self.draining = False
-        self._rng = rng or random.Random()
         self.metrics = Metrics()
         # BreakerSettings (validated configuration) and BreakerConfig (the pure machine's) share field names.
         self.breaker = BreakerActor(
@@ -154,6 +170,7 @@ class Gateway:
 
     async def _start(self) -> None:
         await self._nursery.start(self.breaker.run)
+        await self._nursery.start(self.broker.run, self)
         if self.upstream is not None:
             await self._nursery.start(self.upstream.breaker.run)
         admin = self.settings.admin
@@ -245,11 +262,15 @@ class Gateway:
         return problems
 
     def readiness_detail(self) -> dict[str, Any]:
-        """What ``/readyz`` shows besides its problems: the agent service's breaker, if any.
-        An open one is not a problem of this gateway's (every gateway shares the service)."""
-        if self.upstream is None:
-            return {}
-        return {"upstream_breaker": self.upstream.breaker.state.value}
+        """What ``/readyz`` shows besides its problems: the agent service's breaker and the
+        broker, if any. Neither is a problem of this node's: every node shares them, and a
+        node without Redis still serves its own connections."""
+        detail: dict[str, Any] = {}
+        if self.upstream is not None:
+            detail["upstream_breaker"] = self.upstream.breaker.state.value
+        if self.settings.cluster.redis_url is not None:
+            detail["broker"] = self.broker.state
+        return detail
 
     async def drain(self) -> None:
         """Stop admitting (503), let runs finish up to ``drain_timeout``, then cancel them;
@@ -271,25 +292,68 @@ class Gateway:
             await self.registry.wait_empty()
 
     def revoke(self, *, jti: str | None = None, subject: str | None = None, tenant: str | None = None) -> int:
-        """Revoke a token (by ``jti``) or everything of a subject; close affected connections.
+        """Revoke a token (by ``jti``) or everything of a subject on this node; close the
+        affected connections. Returns how many were closed; later handshakes with a revoked
+        token are refused (403). :meth:`revoke_everywhere` tells the other nodes too."""
+        return self._apply(self._revocation(jti, subject, tenant))
 
-        Returns how many connections were closed; later handshakes with a revoked token are
-        refused (403).
-        """
+    async def revoke_everywhere(
+        self, *, jti: str | None = None, subject: str | None = None, tenant: str | None = None
+    ) -> dict[str, Any]:
+        """:meth:`revoke` here, and on every node through the broker (``/revoke``)."""
+        revocation = self._revocation(jti, subject, tenant)
+        answer: dict[str, Any] = {"closed": self._apply(revocation)}
+        if self.settings.cluster.redis_url is not None:
+            stored = await self.broker.revoke(revocation)
+            answer["cluster"] = (
+                "announced" if stored else "pending: the broker is unreachable; sent once back"
+            )
+        return answer
+
+    def _revocation(self, jti: str | None, subject: str | None, tenant: str | None) -> Revocation:
         if (jti is None) == (subject is None):
             raise ValueError("revoke exactly one of jti or subject")
         now = self.clock.now()
         if subject is not None:
-            self.auth.revocations.revoke_subject((tenant, subject), now)
-            affected = self.registry.sessions_of((tenant, subject))
+            return Revocation("subject", subject, now, tenant)
+        expiries = [s.identity.expires_at for s in self.registry.all_sessions() if s.identity.token_id == jti]
+        return Revocation("jti", str(jti), max(expiries, default=now + 86400))
+
+    def _apply(self, revocation: Revocation) -> int:
+        if revocation.kind == "subject":
+            key = (revocation.tenant, revocation.name)
+            self.auth.revocations.revoke_subject(key, revocation.at)
+            affected = [
+                s
+                for s in self.registry.sessions_of(key)
+                if s.identity.issued_at is None or s.identity.issued_at <= revocation.at
+            ]
         else:
-            affected = [s for s in self.registry.all_sessions() if s.identity.token_id == jti]
-            until = max((s.identity.expires_at for s in affected), default=now + 86400)
-            self.auth.revocations.revoke_token(str(jti), until)
+            self.auth.revocations.revoke_token(revocation.name, revocation.at)
+            affected = [s for s in self.registry.all_sessions() if s.identity.token_id == revocation.name]
         for session in affected:
             session.revoke()
         self.stats["revoked"] += len(affected)
         return len(affected)
+
+    # -- what other nodes tell this one (the broker's Node) ----------------------------
+
+    def deliver(self, key: UserKey, event: Any) -> None:
+        self.publish(key[1], event, tenant=key[0])
+
+    def apply(self, revocation: Revocation) -> None:
+        self._apply(revocation)
+
+    async def push(self, subject: str, event: dict[str, Any], *, tenant: str | None = None) -> dict[str, Any]:
+        """:meth:`publish` here and on the user's other nodes (``/publish``): what it reached."""
+        delivered, connections = self.publish(subject, event, tenant=tenant)
+        answer: dict[str, Any] = {"delivered": delivered, "connections": connections}
+        if self.settings.cluster.redis_url is not None:
+            reach = await self.broker.publish((tenant, subject), event)
+            answer["nodes"] = reach.nodes
+            if reach.problem is not None:
+                answer["unreached"] = reach.problem
+        return answer
 
     # -- admission ----------------------------------------------------------
 

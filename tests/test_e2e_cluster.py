@@ -1,0 +1,181 @@
+"""Three ``wsgate serve`` nodes on one real ``redis-server``, ``websockets`` clients on each:
+pushes reach a user on every node in order, revocations every node (and a node started
+later), and Redis going away is not an outage: local runs go on, pushes say what they could
+not reach, and once Redis is back, pushes and the revocations made meanwhile go through."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from conftest import Redis, Server, start_server, stop
+from wsgate.auth.tokens import mint_token
+
+pytestmark = pytest.mark.slow
+
+SECRET = "cluster-test-hmac-secret-0123456789abcdef"
+API_KEY = "cluster-admin-key-0123456789"
+ADMIN = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Redis]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's package)")
+    server = Redis(tmp_path)
+    yield server
+    server.stop()
+
+
+def node(root: Path, name: str, redis: Redis) -> Server:
+    (root / name).mkdir(exist_ok=True)
+    return start_server(
+        root / name,
+        "--redis-url",
+        redis.url,
+        "--admin-port",
+        "0",
+        env={
+            "WSGATE_AUTH__HMAC_SECRET": SECRET,
+            "WSGATE_ADMIN__API_KEY": API_KEY,
+            "WSGATE_AGENT__STEP_DELAY": "0",
+            "WSGATE_CLUSTER__RECONNECT_MAX": "0.5",
+        },
+    )
+
+
+def token(subject: str, jti: str | None = None) -> str:
+    return mint_token(SECRET.encode(), subject, now=time.time(), ttl=600, jti=jti or secrets.token_hex(8))
+
+
+def admin(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    answer = httpx.post(f"{server.admin}{path}", json=body, headers=ADMIN, timeout=10)
+    assert answer.status_code == 200, answer.text
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+def broker_state(server: Server) -> str:
+    state: str = httpx.get(f"{server.admin}/readyz", timeout=10).json()["broker"]
+    return state
+
+
+def wait_connected(*servers: Server) -> None:
+    for _ in range(100):
+        if all(broker_state(s) == "connected" for s in servers):
+            return
+        time.sleep(0.1)
+    raise AssertionError([broker_state(s) for s in servers])
+
+
+async def opened(server: Server, bearer: str) -> Any:
+    ws = await websockets.connect(server.url, additional_headers={"Authorization": f"Bearer {bearer}"})
+    assert json.loads(await ws.recv())["type"] == "session.ready"
+    return ws
+
+
+async def pushed(ws: Any, count: int) -> list[int]:
+    return [json.loads(await asyncio.wait_for(ws.recv(), 10))["event"]["n"] for _ in range(count)]
+
+
+def test_pushes_and_revocations_reach_every_node(tmp_path: Path, redis: Redis) -> None:
+    a, b, c = (node(tmp_path, name, redis) for name in "abc")
+    late: Server | None = None
+    try:
+        wait_connected(a, b, c)
+        old = token("alice", jti="alice-1")
+
+        async def main() -> None:
+            nonlocal late
+            on_b, on_c = await opened(b, old), await opened(c, token("alice"))
+            await asyncio.sleep(0.3)  # the nodes subscribe to alice's channel
+            answers = [admin(a, "/publish", {"subject": "alice", "event": {"n": n}}) for n in range(20)]
+            assert all(x == {"delivered": 0, "connections": 0, "nodes": 2} for x in answers)
+            assert await pushed(on_b, 20) == list(range(20))  # in order, on every node
+            assert await pushed(on_c, 20) == list(range(20))
+            # A revocation on A closes alice's token on B at once, and C's other token lives.
+            start = time.monotonic()
+            assert admin(a, "/revoke", {"jti": "alice-1"}) == {"closed": 0, "cluster": "announced"}
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(on_b.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+            assert time.monotonic() - start < 1.0
+            await on_c.send(json.dumps({"type": "ping", "id": "still"}))
+            assert json.loads(await on_c.recv())["id"] == "still"
+            # A subject revocation on B closes alice everywhere.
+            assert admin(b, "/revoke", {"subject": "alice"})["cluster"] == "announced"
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(on_c.recv(), 5)
+            # A node started afterwards still refuses the revoked token.
+            late = node(tmp_path, "late", redis)
+            wait_connected(late)
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await opened(late, old)
+            assert refused.value.response.status_code == 403
+
+        asyncio.run(main())
+    finally:
+        for server in (a, b, c, *([late] if late else [])):
+            stop(server)
+
+
+def test_redis_away_is_not_an_outage_and_its_return_heals_the_cluster(tmp_path: Path, redis: Redis) -> None:
+    a, b = node(tmp_path, "a", redis), node(tmp_path, "b", redis)
+    try:
+        wait_connected(a, b)
+        doomed = token("bob", jti="bob-1")
+
+        async def main() -> None:
+            on_b = await opened(b, doomed)
+            redis.kill()
+            for _ in range(50):
+                if broker_state(a) != "connected":
+                    break
+                await asyncio.sleep(0.1)
+            # Local connections go on: a full run on A.
+            ws = await opened(a, token("carol"))
+            async with ws:
+                await ws.send(json.dumps({"type": "user_message", "text": "hi"}))
+                kinds = [json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] for _ in range(5)]
+            assert kinds[-1] == "agent_completed"
+            answer = admin(a, "/publish", {"subject": "bob", "event": {"n": 0}})
+            assert answer["nodes"] is None and "broker" in answer["unreached"]
+            assert admin(a, "/revoke", {"jti": "bob-1"})["cluster"].startswith("pending")
+            redis.start()
+            wait_connected(a, b)
+            # The revocation made meanwhile reaches B once Redis is back...
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(on_b.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+            # ...and pushes go through again, without restarting any node.
+            on_b = await opened(b, token("bob"))
+            await asyncio.sleep(0.3)
+            assert admin(a, "/publish", {"subject": "bob", "event": {"n": 1}})["nodes"] == 1
+            assert await pushed(on_b, 1) == [1]
+            await on_b.close()
+
+        asyncio.run(main())
+    finally:
+        for server, name in ((a, "a"), (b, "b")):
+            log = stop(server)
+            assert "1011" not in log and "Traceback" not in log, f"{name}: {log[-2000:]}"
+
+
+def test_a_revocation_survives_its_trip_through_json() -> None:
+    from wsgate.broker import Revocation
+
+    for revocation in (Revocation("jti", "j-1", 1.5e9), Revocation("subject", "alice", 1.2e9, "acme")):
+        assert Revocation.from_json(revocation.to_json()) == revocation
+    assert Revocation("subject", "alice", 0, "acme").key == 'wsgate:revoked:subject:["acme", "alice"]'
+    with pytest.raises(ValueError, match="not a revocation"):
+        Revocation.from_json('{"kind": "everything", "name": "x", "at": 0}')
