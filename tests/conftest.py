@@ -197,12 +197,8 @@ class Redis:
     can be killed and started again on the same port."""
 
     def __init__(self, root: Path) -> None:
-        import socket
-
         self.root = root
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[str] | None = None
         self.start()
@@ -228,3 +224,25 @@ class Redis:
             self.proc.terminate()
             self.proc.communicate(timeout=15)
             self.proc = None
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Any:
+    """A redis-server of the test's own, stopped at the end (skipped when none is installed)."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's package)")
+    (tmp_path / "redis").mkdir()
+    server = Redis(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port

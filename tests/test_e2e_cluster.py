@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +24,6 @@ pytestmark = pytest.mark.slow
 SECRET = "cluster-test-hmac-secret-0123456789abcdef"
 API_KEY = "cluster-admin-key-0123456789"
 ADMIN = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[Redis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (.ci/run installs Debian's package)")
-    server = Redis(tmp_path)
-    yield server
-    server.stop()
 
 
 def node(root: Path, name: str, redis: Redis) -> Server:

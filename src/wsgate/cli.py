@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--upstream", metavar="URL", help="relay runs to the agent service at URL")
     s.add_argument("--redis-url", metavar="URL", help="join the other nodes of this gateway through Redis")
+    s.add_argument("--workers", type=int, metavar="N", help="worker processes sharing the port (needs Redis)")
     s.add_argument(
         "--demo", action="store_true", default=None, help="admit clients without a token (demo policy)"
     )
@@ -107,6 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
             "agent.app": args.app,
             "agent.upstream_url": args.upstream,
             "cluster.redis_url": args.redis_url,
+            "server.workers": args.workers,
             "auth.policy": "demo" if args.demo else args.policy,
             "auth.introspection_url": args.introspection_url,
             "auth.jwks_url": args.jwks_url,

@@ -77,6 +77,11 @@ class ServerSettings:
     max_connections: int = attrs.field(default=10000, validator=_positive())
     max_connections_per_user: int = attrs.field(default=10, validator=_positive())
     gc_threshold: int = attrs.field(default=10_000, validator=_between(0, 10_000_000))
+    #: Worker processes sharing the port (SO_REUSEPORT), each a full gateway; more than one
+    #: needs ``cluster.redis_url``.
+    workers: int = attrs.field(default=1, validator=_between(1, 64))
+    #: Bind with SO_REUSEPORT, so that other processes may listen on the same port.
+    reuse_port: bool = False
 
 
 @attrs.frozen
@@ -324,6 +329,11 @@ class Settings:
         if not (self.auth.header or self.auth.subprotocol or self.auth.first_message or self.auth.cookie):
             found.append("auth.header: at least one token source must be enabled")
         found.extend(_agent_problems(self.agent))
+        if self.server.workers > 1 and self.cluster.redis_url is None:
+            found.append(
+                f"server.workers: {self.server.workers} workers need cluster.redis_url"
+                " (workers cannot see each other's connections without a broker)"
+            )
         url = self.cluster.redis_url
         if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
             found.append("cluster.redis_url: must be a redis://, rediss:// or unix:// URL")

@@ -22,14 +22,18 @@ from .config import Settings
 from .errors import ConfigError, StartupError, leaves
 from .log import configure_logging
 from .server import Gateway, serve
+from .workers import supervise
 
 BANNER = "=" * 72
 log = logging.getLogger("wsgate.runner")
 
 
 def run(settings: Settings, *, agent: Agent | None = None) -> int:
-    """Serve ``settings`` (with ``agent``, if given) until a signal has drained it."""
+    """Serve ``settings`` (with ``agent``, if given) until a signal has drained it; with
+    ``server.workers`` above 1, in that many processes (:mod:`wsgate.workers`)."""
     configure_logging(settings.log.level, settings.log.format)
+    if settings.server.workers > 1:
+        return supervise(settings, partial(run, agent=agent))
     tune_gc(settings.server.gc_threshold)
     failures: list[str] = []
     try:
@@ -64,8 +68,16 @@ async def _run_server(settings: Settings, agent: Agent | None) -> None:
             nursery.cancel_scope.cancel()
 
 
+#: A signal this soon after the first is the same request delivered twice (a service manager
+#: signals every process of the group, and the workers' parent forwards it), not a second one.
+DUPLICATE_SIGNAL_WINDOW = 1.0
+
+
 async def _second_signal_stops(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    first = trio.current_time()
     async for _ in signals:
+        if trio.current_time() - first < DUPLICATE_SIGNAL_WINDOW:
+            continue
         log.warning("second signal: stopping without waiting for the drain")
         scope.cancel()
         return

@@ -209,7 +209,10 @@ class Gateway:
         """Listen on the configured host and port until cancelled."""
         server = self.settings.server
         try:
-            listeners = await trio.open_tcp_listeners(server.port, host=server.host)
+            if server.reuse_port:
+                listeners = [await _reuse_port_listener(server.host, server.port)]
+            else:
+                listeners = await trio.open_tcp_listeners(server.port, host=server.host)
         except OSError as exc:
             raise bind_error(exc, "server.host, server.port", server.host, server.port) from None
         self.addresses = [listener.socket.getsockname()[:2] for listener in listeners]
@@ -365,6 +368,21 @@ class Gateway:
         except GatewayError as error:
             return {"admitted": False, "status": error.status, "reason": error.reason}
         return {"admitted": True, "status": 101, "reason": "admitted", "degraded": result.degraded}
+
+
+async def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    """A listener on ``host:port`` that other processes (the other workers) may share."""
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        await sock.bind((host, port))
+        sock.listen(trio.socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 @asynccontextmanager
