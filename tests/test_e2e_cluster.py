@@ -26,7 +26,7 @@ API_KEY = "cluster-admin-key-0123456789"
 ADMIN = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def node(root: Path, name: str, redis: Redis) -> Server:
+def node(root: Path, name: str, redis: Redis, **env: str) -> Server:
     (root / name).mkdir(exist_ok=True)
     return start_server(
         root / name,
@@ -39,6 +39,7 @@ def node(root: Path, name: str, redis: Redis) -> Server:
             "WSGATE_ADMIN__API_KEY": API_KEY,
             "WSGATE_AGENT__STEP_DELAY": "0",
             "WSGATE_CLUSTER__RECONNECT_MAX": "0.5",
+            **env,
         },
     )
 
@@ -161,10 +162,82 @@ def test_redis_away_is_not_an_outage_and_its_return_heals_the_cluster(tmp_path: 
 
 
 def test_a_revocation_survives_its_trip_through_json() -> None:
-    from wsgate.broker import Revocation
+    from wsgate.cluster.broker import Revocation
 
     for revocation in (Revocation("jti", "j-1", 1.5e9), Revocation("subject", "alice", 1.2e9, "acme")):
         assert Revocation.from_json(revocation.to_json()) == revocation
     assert Revocation("subject", "alice", 0, "acme").key == 'wsgate:revoked:subject:["acme", "alice"]'
     with pytest.raises(ValueError, match="not a revocation"):
         Revocation.from_json('{"kind": "everything", "name": "x", "at": 0}')
+
+
+def test_the_per_user_limit_counts_every_node_and_a_dead_nodes_places_come_back(
+    tmp_path: Path, redis: Redis
+) -> None:
+    limits = {"WSGATE_SERVER__MAX_CONNECTIONS_PER_USER": "2", "WSGATE_CLUSTER__LEASE_TTL": "2"}
+    a, b, c = (node(tmp_path, name, redis, **limits) for name in "abc")
+    try:
+        wait_connected(a, b, c)
+
+        async def refused(server: Server) -> int:
+            with pytest.raises(websockets.InvalidStatus) as refusal:
+                await opened(server, token("dana"))
+            status: int = refusal.value.response.status_code
+            return status
+
+        async def main() -> None:
+            on_a, on_b = await opened(a, token("dana")), await opened(b, token("dana"))
+            assert await refused(c) == 429  # two on other nodes: none left here
+            await on_a.close()
+            await asyncio.sleep(0.3)  # given back
+            on_c = await opened(c, token("dana"))
+            assert await refused(a) == 429
+            # A node killed outright gives nothing back; its lease expires (2 s) instead.
+            b.proc.kill()
+            b.proc.communicate()
+            start = time.monotonic()
+            while True:
+                try:
+                    again = await opened(a, token("dana"))
+                    break
+                except websockets.InvalidStatus:
+                    assert time.monotonic() - start < 5, "the dead node's place never came back"
+                    await asyncio.sleep(0.2)
+            assert time.monotonic() - start <= 2 + 1
+            await again.close()
+            await on_c.close()
+            del on_b
+
+        asyncio.run(main())
+    finally:
+        for server in (a, c):
+            stop(server)
+        if b.proc.poll() is None:
+            stop(b)
+
+
+def test_with_redis_away_the_limit_falls_back_to_each_nodes_own(tmp_path: Path, redis: Redis) -> None:
+    limits = {"WSGATE_SERVER__MAX_CONNECTIONS_PER_USER": "1"}
+    a, b = node(tmp_path, "a", redis, **limits), node(tmp_path, "b", redis, **limits)
+    try:
+        wait_connected(a, b)
+        redis.kill()
+        for _ in range(50):
+            if broker_state(a) != "connected" and broker_state(b) != "connected":
+                break
+            time.sleep(0.1)
+
+        async def main() -> None:
+            on_a, on_b = await opened(a, token("erin")), await opened(b, token("erin"))  # one per node
+            with pytest.raises(websockets.InvalidStatus):
+                await opened(a, token("erin"))  # the node's own limit still holds
+            await on_a.close()
+            await on_b.close()
+
+        asyncio.run(main())
+        metrics = httpx.get(f"{a.admin}/metrics", timeout=10).text
+        assert 'wsgate_broker_total{event="limit_fallback"} 1.0' in metrics
+        assert "wsgate_broker_connected 0.0" in metrics
+    finally:
+        stop(a)
+        stop(b)

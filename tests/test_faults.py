@@ -32,6 +32,7 @@ SERVER_MODULES = (
     "wsgate.auth.policy",
     "wsgate.auth.sources",
     "wsgate.auth.tokens",
+    "wsgate.cluster.broker",
     "wsgate.connection",
     "wsgate.handshake",
     "wsgate.protocol",

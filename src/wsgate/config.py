@@ -237,6 +237,8 @@ class ClusterSettings:
     redis_url: str | None = attrs.field(default=None, repr=False, metadata=SECRET)
     call_timeout: float = attrs.field(default=1.0, validator=_positive())
     reconnect_max: float = attrs.field(default=5.0, validator=_positive())
+    #: How long a node's hold on a user's place outlives the node (renewed every third of it).
+    lease_ttl: float = attrs.field(default=30.0, validator=_between(1, 3600))
 
 
 @attrs.frozen

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 from collections import Counter
+from functools import partial
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -23,13 +24,14 @@ from .apps import RawApp
 from .auth.authenticator import Authenticator
 from .auth.sources import extract_credentials
 from .auth.tokens import TokenSource
+from .cluster.broker import Broker
 from .config import Settings
 from .errors import BadRequest, CloseCode, Forbidden, GatewayError, NotFound, TooManyRequests, Unavailable
 from .handshake import Admission, Pending, reject_headers
 from .metrics import Metrics
 from .protocol import Auth, ProtocolError, numbered, parse_client_message
 from .ratelimit import PendingHandshake, PendingHandshakes, RateLimiter
-from .registry import Lease, LeaseHolder, Registry
+from .registry import Lease, LeaseHolder, Registry, UserKey
 from .session.messages import Error, encode_message
 from .session.sessions import Sessions
 from .streams import GuardedStream, peer_address, raw_response, refuse_raw
@@ -47,6 +49,7 @@ class Admitting(Protocol):
     draining: bool
 
     sessions: Sessions
+    broker: Broker
 
 
 log = logging.getLogger("wsgate.server")
@@ -81,8 +84,10 @@ class ConnectionServer:
         """
         try:
             async with stream, trio.open_nursery() as nursery:
-                await self._serve_connection(nursery, stream)
-                nursery.cancel_scope.cancel()
+                try:
+                    await self._serve_connection(nursery, stream)
+                finally:  # trio-websocket's reader, whatever became of the connection
+                    nursery.cancel_scope.cancel()
         except Exception:
             self._gateway.stats["connection.bug"] += 1
             log.exception("connection failed", extra={"event": "connection.error"})
@@ -216,6 +221,7 @@ class ConnectionServer:
             admission = await self.admit(request, peer=peer)
             if isinstance(admission, Admission):
                 lease = leases.take(self._gateway.registry.lease(admission.identity.user_key))
+                await self._claim(lease, admission.identity.user_key)
         except GatewayError as error:
             self._gateway.stats[f"handshake.{error.status}"] += 1
             log.info(
@@ -264,6 +270,7 @@ class ConnectionServer:
                 result = await self._gateway.auth.authenticate(message.token, TokenSource.FIRST_MESSAGE)
             admission = self._gateway.sessions.admission(result, ws.subprotocol, message.token)
             lease = leases.take(self._gateway.registry.lease(result.identity.user_key))
+            await self._claim(lease, result.identity.user_key)
         except GatewayError as error:
             await self._refuse_open(ws, error.close_code, error.reason, f"first_message.{error.status}")
             return None
@@ -273,6 +280,13 @@ class ConnectionServer:
             )
             return None
         return admission, lease
+
+    async def _claim(self, lease: Lease, key: UserKey) -> None:
+        """The user's place on every node (with a cluster), given back with the lease."""
+        broker = self._gateway.broker
+        claim = await broker.claim(key, self._gateway.settings.server.max_connections_per_user)
+        if claim is not None:
+            lease.on_release(partial(broker.release, key, claim))
 
     async def _refuse_open(self, ws: WebSocketConnection, code: CloseCode, reason: str, stat: str) -> None:
         self._gateway.stats[stat] += 1

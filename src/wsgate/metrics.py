@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from .auth.authenticator import Authenticator
 from .breaker import BreakerState
 from .breaker_actor import BreakerActor
+from .cluster.redis import RedisBroker
 from .registry import Registry
 from .upstream.agent import UpstreamAgent
 
@@ -97,9 +98,10 @@ class Metrics:
         auth: Authenticator,
         breaker: BreakerActor,
         upstream: UpstreamAgent | None = None,
+        broker: RedisBroker | None = None,
     ) -> None:
         """Collect counters and gauges from these at each scrape."""
-        self.registry.register(_GatewayCollector(stats, sessions, auth, breaker, upstream))
+        self.registry.register(_GatewayCollector(stats, sessions, auth, breaker, upstream, broker))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -121,12 +123,14 @@ class _GatewayCollector(Collector):
         auth: Authenticator,
         breaker: BreakerActor,
         upstream: UpstreamAgent | None,
+        broker: RedisBroker | None,
     ) -> None:
         self._stats = stats
         self._sessions = sessions
         self._auth = auth
         self._breaker = breaker
         self._upstream = upstream
+        self._broker = broker
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._stats
@@ -189,3 +193,16 @@ class _GatewayCollector(Collector):
             )
             state.add_metric([], BREAKER_STATE[self._upstream.breaker.state])
             yield state
+        if self._broker is not None:
+            connected = GaugeMetricFamily(
+                "wsgate_broker_connected", "1 while this node is connected to Redis."
+            )
+            connected.add_metric([], 1 if self._broker.state == "connected" else 0)
+            yield connected
+            yield _family(
+                "wsgate_broker",
+                "limit_fallback: connections admitted on this node's own limit while Redis was away.",
+                "event",
+                self._broker.stats,
+                "",
+            )

@@ -38,13 +38,18 @@ class Lease:
     """One connection's place in the registry, from admission to close: counted from
     when it is entered (``with``, or a :class:`LeaseHolder`) until it is left or released."""
 
-    __slots__ = ("_hub", "_key", "_registry", "_session")
+    __slots__ = ("_hub", "_key", "_on_release", "_registry", "_session")
 
     def __init__(self, registry: Registry, key: UserKey) -> None:
         self._registry = registry
         self._key = key
         self._hub: Hub | None = None
         self._session: Session | None = None
+        self._on_release: Callable[[], None] | None = None
+
+    def on_release(self, give_back: Callable[[], None]) -> None:
+        """Call ``give_back`` when this lease is released (the cluster's place it holds)."""
+        self._on_release = give_back
 
     def __enter__(self) -> Lease:
         self._hub = self._registry._take(self._key)
@@ -65,6 +70,9 @@ class Lease:
         if self._session is not None:
             hub.sessions.discard(self._session)
         self._registry._release(hub)
+        give_back, self._on_release = self._on_release, None
+        if give_back is not None:
+            give_back()
 
 
 class LeaseHolder:
@@ -136,8 +144,8 @@ class Registry:
     def _take(self, key: UserKey) -> Hub:
         hub = self._hubs.get(key)
         if hub is None:
+            self._on_open(key)  # first: if it fails, nothing here has changed
             hub = self._hubs[key] = Hub(key)
-            self._on_open(key)
         if self._leases == 0:
             self._empty = trio.Event()
         hub.leases += 1
@@ -149,9 +157,10 @@ class Registry:
         self._leases -= 1
         if hub.leases == 0:
             del self._hubs[hub.key]
-            self._on_close(hub.key)
         if self._leases == 0:
             self._empty.set()
+        if hub.leases == 0:
+            self._on_close(hub.key)  # last: if it fails, the counts are already right
 
     async def wait_empty(self) -> None:
         """Return once no connection holds a lease."""

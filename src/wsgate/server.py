@@ -29,17 +29,19 @@ from .auth.policy import Level
 from .auth.tokens import TokenSource, TokenVerifier
 from .breaker import BreakerConfig, CircuitBreaker
 from .breaker_actor import BreakerActor
-from .broker import Broker, LocalBroker, RedisBroker, Revocation, UserKey
 from .clock import WallClock
+from .cluster.broker import Broker, LocalBroker, Revocation
+from .cluster.redis import RedisBroker
 from .config import Settings
 from .connection import ConnectionServer
 from .errors import GatewayError, StartupError, bind_error
 from .httpserver import serve_http
 from .metrics import Metrics, Stats
-from .registry import Registry
+from .registry import Registry, UserKey
 from .session.messages import Pushed
 from .session.sessions import Sessions, new_session_id
 from .upstream.agent import UpstreamAgent
+from .workers import reuse_port_listener
 
 __all__ = ["Gateway", "open_gateway", "serve"]
 
@@ -90,6 +92,7 @@ class Gateway:
                 cluster.redis_url,
                 call_timeout=cluster.call_timeout,
                 reconnect_max=cluster.reconnect_max,
+                lease_ttl=cluster.lease_ttl,
                 rng=self._rng,
             )
             if cluster.redis_url is not None
@@ -155,6 +158,7 @@ class Gateway:
             auth=self.auth,
             breaker=self.breaker,
             upstream=self.upstream,
+            broker=self.broker if isinstance(self.broker, RedisBroker) else None,
         )
 
     def _discovered(self, introspection_url: str | None, token_url: str | None) -> None:
@@ -210,7 +214,7 @@ class Gateway:
         server = self.settings.server
         try:
             if server.reuse_port:
-                listeners = [await _reuse_port_listener(server.host, server.port)]
+                listeners = [await reuse_port_listener(server.host, server.port)]
             else:
                 listeners = await trio.open_tcp_listeners(server.port, host=server.host)
         except OSError as exc:
@@ -368,21 +372,6 @@ class Gateway:
         except GatewayError as error:
             return {"admitted": False, "status": error.status, "reason": error.reason}
         return {"admitted": True, "status": 101, "reason": "admitted", "degraded": result.degraded}
-
-
-async def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:
-    """A listener on ``host:port`` that other processes (the other workers) may share."""
-    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
-    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
-        await sock.bind((host, port))
-        sock.listen(trio.socket.SOMAXCONN)
-    except OSError:
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
 
 
 @asynccontextmanager

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from types import FrameType
 
 import attrs
+import trio
 
 from .config import Settings
 
@@ -123,3 +124,18 @@ def supervise(settings: Settings, serve: Callable[[Settings], int]) -> int:
             signal.signal(signum, handler)
         holder.close()
     return status
+
+
+async def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    """A listener on ``host:port`` that other processes (the other workers) may share."""
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        await sock.bind((host, port))
+        sock.listen(trio.socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)

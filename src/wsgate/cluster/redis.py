@@ -1,127 +1,48 @@
-"""What one gateway node tells the others: server pushes and revocations.
-
-A :class:`Broker` carries a push to the user's connections on other nodes and a
-revocation to every node. :class:`LocalBroker` (the default) has no other node
-to tell. :class:`RedisBroker` (``cluster.redis_url``) uses Redis:
-
-- a push goes to the user's channel, ``wsgate:user:<tenant, subject>``, which a
-  node subscribes to while it holds a connection of that user; one channel per
-  user keeps a user's pushes in order;
-- a revocation is stored with its time to live (``wsgate:revoked:...``), so a
-  node that starts later or was cut off still refuses the token, and is
-  announced on ``wsgate:revocations`` so every node closes its sessions at once.
-
-Redis down or slow is not an outage of the gateway's: every call has a deadline
-(``cluster.call_timeout``), local connections keep working, a push says what it
-could not reach, revocations made meanwhile are stored and announced once Redis
-is back, and the node reconnects with jittered backoff.
-"""
+"""The Redis broker: the nodes of one gateway meeting in Redis (see :mod:`.broker`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import secrets
-from typing import Any, Literal, Protocol
+from collections import Counter
+from typing import Any
 
 import anyio
-import attrs
 import trio
 
-from .errors import leaves
+from ..errors import TooManyRequests, leaves
+from ..registry import UserKey
+from .broker import REVOCATIONS, BrokerUnavailable, Node, Reach, Revocation, user_channel
 
 log = logging.getLogger("wsgate.broker")
 
-UserKey = tuple[str | None, str]
-REVOCATIONS = "wsgate:revocations"
+#: A place among a user's connections on every node, if there is one: the user's leases
+#: are a sorted set scored by when each expires (on Redis' clock, so no node's skew counts).
+CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 1)
+return 1
+"""
+#: A node's leases of one user, renewed.
+RENEW = """
+local t = redis.call('TIME')
+local until = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until, ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 1)
+return 1
+"""
 
 
-@attrs.frozen
-class Revocation:
-    """A token (``jti``, refused until ``at``: its expiry) or a subject (its tokens issued
-    up to ``at`` refused)."""
-
-    kind: Literal["jti", "subject"]
-    name: str  # the jti, or the subject
-    at: float
-    tenant: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "name": self.name, "at": self.at, "tenant": self.tenant})
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Revocation:
-        fields = json.loads(text)
-        kind = fields["kind"]
-        if kind not in ("jti", "subject"):
-            raise ValueError(f"not a revocation: {kind!r}")
-        return cls(kind, str(fields["name"]), float(fields["at"]), fields.get("tenant"))
-
-    @property
-    def key(self) -> str:
-        """Where Redis keeps it."""
-        scope = self.name if self.kind == "jti" else json.dumps([self.tenant, self.name])
-        return f"wsgate:revoked:{self.kind}:{scope}"
-
-
-@attrs.frozen
-class Reach:
-    """Where a push got to besides this node: ``nodes`` that took it, or ``problem``."""
-
-    nodes: int | None
-    problem: str | None = None
-
-
-class Node(Protocol):
-    """What the broker tells this node: a push for one of its users, a revocation."""
-
-    def deliver(self, key: UserKey, event: Any) -> None: ...
-
-    def apply(self, revocation: Revocation) -> None: ...
-
-
-class Broker(Protocol):
-    @property
-    def state(self) -> str: ...
-
-    async def run(
-        self, node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None: ...
-
-    def watch(self, key: UserKey) -> None: ...
-
-    def unwatch(self, key: UserKey) -> None: ...
-
-    async def publish(self, key: UserKey, event: Any) -> Reach: ...
-
-    async def revoke(self, revocation: Revocation) -> bool: ...
-
-
-class LocalBroker:
-    """One node: nothing to tell anyone."""
-
-    state = "local"
-
-    async def run(self, node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-
-    def watch(self, key: UserKey) -> None:
-        pass
-
-    def unwatch(self, key: UserKey) -> None:
-        pass
-
-    async def publish(self, key: UserKey, event: Any) -> Reach:
-        return Reach(0)
-
-    async def revoke(self, revocation: Revocation) -> bool:
-        return True
-
-
-def user_channel(key: UserKey) -> str:
-    return "wsgate:user:" + json.dumps(list(key))
+def lease_key(key: UserKey) -> str:
+    return "wsgate:leases:" + json.dumps(list(key))
 
 
 class RedisBroker:
@@ -134,10 +55,18 @@ class RedisBroker:
         call_timeout: float = 1.0,
         subject_ttl: float = 86400.0,
         reconnect_max: float = 5.0,
+        lease_ttl: float = 30.0,
         node_id: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._url = url
+        self._lease_ttl = lease_ttl
+        self._claims: dict[UserKey, set[str]] = {}  # this node's leases in Redis, by user
+        self._claimed = 0
+        self._fell_back = False  # logged once an outage
+        self._releases_send, self._releases = trio.open_memory_channel[tuple[UserKey, str]](math.inf)
+        #: fallback: connections admitted on the node's own limit while Redis was away.
+        self.stats: Counter[str] = Counter()
         self._call_timeout = call_timeout
         self._subject_ttl = subject_ttl
         self._reconnect_max = reconnect_max
@@ -187,6 +116,51 @@ class RedisBroker:
             self._pending.append(revocation)
             return False
         return True
+
+    async def claim(self, key: UserKey, limit: int) -> str | None:
+        """A place among the user's connections on every node (its id), or
+        :class:`~wsgate.errors.TooManyRequests`; None while Redis is away: then only this
+        node's own limit holds (logged, and counted as ``limit_fallback``)."""
+        self._claimed += 1
+        claim = f"{self.node_id}:{self._claimed}"
+        try:
+            granted = await self._call(
+                "eval", CLAIM, keys=[lease_key(key)], args=[limit, self._lease_ttl, claim]
+            )
+        except BrokerUnavailable as exc:
+            if not self._fell_back:
+                self._fell_back = True
+                log.warning(
+                    "per-user limits are per node: %s", exc.reason, extra={"event": "broker.fallback"}
+                )
+            self.stats["limit_fallback"] += 1
+            return None
+        if not granted:
+            raise TooManyRequests("too many connections for this user", retry_after=1.0)
+        self._claims.setdefault(key, set()).add(claim)
+        return claim
+
+    def release(self, key: UserKey, claim: str) -> None:
+        """The connection is gone: its place is given back (or expires with its lease)."""
+        claims = self._claims.get(key)
+        if claims is not None:
+            claims.discard(claim)
+            if not claims:
+                del self._claims[key]
+        self._releases_send.send_nowait((key, claim))
+
+    async def _give_back(self) -> None:
+        async for key, claim in self._releases:
+            with contextlib.suppress(BrokerUnavailable):  # if not, it expires with its lease
+                await self._call("zrem", lease_key(key), [claim])
+
+    async def _renew(self) -> None:
+        """Keep this node's leases alive: a node that dies stops renewing, and its users'
+        places come back within ``cluster.lease_ttl``."""
+        while True:
+            await trio.sleep(self._lease_ttl / 3)
+            for key, claims in list(self._claims.items()):
+                await self._call("eval", RENEW, keys=[lease_key(key)], args=[self._lease_ttl, *claims])
 
     async def _store(self, revocation: Revocation) -> None:
         if revocation.kind == "jti":
@@ -266,7 +240,10 @@ class RedisBroker:
                 await self._catch_up(client, node)
                 nursery.start_soon(self._follow_watches, pubsub)
                 nursery.start_soon(self._check, client)
+                nursery.start_soon(self._give_back)
+                nursery.start_soon(self._renew)
                 self._state = "connected"
+                self._fell_back = False
                 log.info("broker (Redis) connected", extra={"event": "broker.connected"})
                 async for message in pubsub:
                     if message["type"] == "message":
@@ -317,9 +294,3 @@ class RedisBroker:
             log.warning(
                 "broker: a message that is not wsgate's on %s", name, extra={"event": "broker.garbage"}
             )
-
-
-class BrokerUnavailable(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
