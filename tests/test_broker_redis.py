@@ -1,0 +1,93 @@
+"""RedisBroker in process, against a real redis-server: coredis under Trio's cancellation."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from conftest import Redis
+from wsgate.cluster.broker import Reach, Revocation
+from wsgate.cluster.redis import RedisBroker
+from wsgate.errors import TooManyRequests
+
+pytestmark = pytest.mark.slow
+
+
+@attrs.define
+class Recorder:
+    """A node that notes what the broker tells it."""
+
+    delivered: list[tuple[Any, Any]] = attrs.Factory(list)
+    applied: list[Revocation] = attrs.Factory(list)
+
+    def deliver(self, key: Any, event: Any) -> None:
+        self.delivered.append((key, event))
+
+    def apply(self, revocation: Revocation) -> None:
+        self.applied.append(revocation)
+
+
+async def connected(broker: RedisBroker) -> None:
+    for _ in range(100):
+        if broker.state == "connected":
+            return
+        await trio.sleep(0.05)
+    raise AssertionError(broker.state)
+
+
+async def test_calls_cancelled_midway_leave_the_broker_working(redis: Redis) -> None:
+    broker, other = RedisBroker(redis.url), RedisBroker(redis.url)
+    here, there = Recorder(), Recorder()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.run, here)
+        await nursery.start(other.run, there)
+        other.watch(("acme", "u"))
+        await connected(broker)
+        await connected(other)
+        await trio.sleep(0.2)  # the other node's subscription is made
+        for n in range(30):  # cancelled at every point a call can be, in turn
+            with trio.move_on_after(n * 0.0002):
+                await broker.publish(("acme", "u"), {"n": n})
+        assert await broker.publish(("acme", "u"), {"n": "after"}) == Reach(1)
+        for _ in range(100):
+            if there.delivered and there.delivered[-1][1] == {"n": "after"}:
+                break
+            await trio.sleep(0.05)
+        assert there.delivered[-1] == (("acme", "u"), {"n": "after"})
+        revocation = Revocation("jti", "j-1", time.time() + 60)
+        assert await broker.revoke(revocation)
+        for _ in range(100):
+            if revocation in there.applied:
+                break
+            await trio.sleep(0.05)
+        assert revocation in there.applied
+        nursery.cancel_scope.cancel()  # the gateway stopping: no exception escapes
+
+
+async def test_claims_count_every_node_and_are_given_back(redis: Redis) -> None:
+    a, b = RedisBroker(redis.url, lease_ttl=60), RedisBroker(redis.url, lease_ttl=60)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run, Recorder())
+        await nursery.start(b.run, Recorder())
+        await connected(a)
+        await connected(b)
+        key = (None, "limited")
+        first = await a.claim(key, 2)
+        second = await b.claim(key, 2)
+        assert first is not None and second is not None
+        with pytest.raises(TooManyRequests):
+            await a.claim(key, 2)
+        b.release(key, second)
+        for _ in range(50):
+            try:
+                assert await a.claim(key, 2) is not None
+                break
+            except TooManyRequests:
+                await trio.sleep(0.05)
+        else:
+            raise AssertionError("the place given back never came back")
+        nursery.cancel_scope.cancel()
