@@ -14,6 +14,8 @@ from typing import Any
 import anyio
 import trio
 
+from ..breaker import BreakerConfig, CircuitBreaker, Outcome
+from ..breaker_actor import BreakerActor
 from ..errors import TooManyRequests, leaves
 from ..registry import UserKey
 from .broker import REVOCATIONS, BrokerUnavailable, Node, Reach, Revocation, user_channel
@@ -58,8 +60,13 @@ class RedisBroker:
         lease_ttl: float = 30.0,
         node_id: str | None = None,
         rng: random.Random | None = None,
+        breaker: BreakerActor | None = None,
     ) -> None:
         self._url = url
+        # Redis answers in a fraction of a millisecond: a breaker with room for many calls at
+        # once, opening when half of the last 20 failed or took most of their deadline.
+        config = BreakerConfig(slow_call_duration=0.9 * call_timeout, max_concurrent_calls=1000)
+        self._breaker = breaker or BreakerActor(CircuitBreaker(config), name="broker (Redis)")
         self._lease_ttl = lease_ttl
         self._claims: dict[UserKey, set[str]] = {}  # this node's leases in Redis, by user
         self._claimed = 0
@@ -174,15 +181,28 @@ class RedisBroker:
         await self._call("publish", REVOCATIONS, revocation.to_json())
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """One Redis command under ``call_timeout``, through the broker's breaker: while
+        Redis keeps failing, calls fail at once instead of each waiting out its deadline."""
         client = self._client
         if client is None:
             raise BrokerUnavailable("not connected to the broker (Redis)")
-        with trio.move_on_after(self._call_timeout):
-            try:
-                return await getattr(client, method)(*args, **kwargs)
-            except Exception as exc:  # coredis' connection and protocol errors
-                raise BrokerUnavailable(f"the broker (Redis) failed: {type(exc).__name__}") from None
-        raise BrokerUnavailable(f"the broker (Redis) did not answer within {self._call_timeout:g} s")
+        permit = await self._breaker.acquire()
+        if permit is None:
+            raise BrokerUnavailable("the broker's breaker is open (Redis keeps failing)")
+        outcome = Outcome.ABANDONED
+        try:
+            with trio.move_on_after(self._call_timeout):
+                try:
+                    result = await getattr(client, method)(*args, **kwargs)
+                except Exception as exc:  # coredis' connection and protocol errors
+                    outcome = Outcome.FAILURE
+                    raise BrokerUnavailable(f"the broker (Redis) failed: {type(exc).__name__}") from None
+                outcome = Outcome.SUCCESS
+                return result
+            outcome = Outcome.FAILURE
+            raise BrokerUnavailable(f"the broker (Redis) did not answer within {self._call_timeout:g} s")
+        finally:
+            self._breaker.report(permit, outcome)
 
     # -- upkeep ----------------------------------------------------------------------------
 
@@ -190,7 +210,12 @@ class RedisBroker:
         """Stay connected (reconnecting with backoff) and relay what other nodes say."""
         import coredis  # imported here: a gateway without a cluster never loads it
 
-        task_status.started()  # serve at once: Redis being away is not an outage of ours
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._breaker.run)
+            task_status.started()  # serve at once: Redis being away is not an outage of ours
+            await self._keep_connected(coredis, node)
+
+    async def _keep_connected(self, coredis: Any, node: Node) -> None:
         attempt = 0
         while True:
             try:
