@@ -16,6 +16,8 @@ import os
 import platform
 import re
 import resource
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -349,7 +351,89 @@ async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
         results.update(await measure_auth(quick))
     if not only or any(o in "upstream" for o in only):
         results.update(await measure_upstream(quick, rounds))
+    if (not only or any(o in "cluster workers" for o in only)) and shutil.which("redis-server"):
+        results.update(await measure_cluster(quick, rounds))
     return results
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def start_redis() -> tuple[subprocess.Popen[str], int]:
+    """A redis-server on 127.0.0.1 and a free port, once it accepts connections."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    redis = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert redis.stdout is not None
+    for line in redis.stdout:
+        if "Ready to accept" in line:
+            break
+    return redis, port
+
+
+async def measure_cluster(quick: bool, rounds: int) -> dict[str, Any]:
+    """On one redis-server: handshakes per second with 1 and 2 workers, side by side; and a
+    push's latency from one node's /publish to a client of another node."""
+    redis, redis_port = start_redis()
+    cluster_env = {**WSGATE_ENV, "WSGATE_CLUSTER__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+    serve = [sys.executable, "-m", "wsgate", "serve", "--port", "0"]
+    out: dict[str, Any] = {}
+    try:
+        workers = {n: Server(f"{n} workers", [*serve, "--workers", str(n)], cluster_env) for n in (1, 2)}
+        try:
+            rates: dict[int, list[float]] = {1: [], 2: []}
+            for _ in range(rounds):
+                for n, server in workers.items():
+                    rate = await handshakes(
+                        server.url, 3 if quick else 10, 16, progress(f"handshakes, {n} workers")
+                    )
+                    rates[n].append(rate.per_s)
+            out["cluster_handshakes_per_s"] = {f"{n} workers": median(r) for n, r in rates.items()}
+        finally:
+            for server in workers.values():
+                server.stop()
+        admin_port = free_port()
+        admin_env = {**cluster_env, "WSGATE_ADMIN__API_KEY": ADMIN_API_KEY}
+        a = Server("node a", [*serve, "--admin-port", str(admin_port)], admin_env)
+        b = Server("node b", serve, cluster_env)
+        try:
+            out["cross_node_push"] = await cross_node_push(a, admin_port, b, 200 if quick else 2000)
+        finally:
+            a.stop()
+            b.stop()
+    finally:
+        redis.terminate()
+        redis.wait(15)
+    return out
+
+
+async def cross_node_push(a: Server, admin_port: int, b: Server, count: int) -> dict[str, float]:
+    """ms from POST /publish on node A to the event at a client of node B."""
+    import httpx
+
+    samples = []
+    async with (
+        websockets.connect(b.url, additional_headers=headers("pushed"), compression=None) as ws,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", timeout=10) as admin,
+    ):
+        await ws.recv()
+        await asyncio.sleep(0.5)  # node B subscribes to the user's channel
+        auth = {"Authorization": f"Bearer {ADMIN_API_KEY}"}
+        show = progress("cross-node push")
+        for n in range(count):
+            start = time.perf_counter()
+            await admin.post("/publish", json={"subject": "pushed", "event": {"n": n}}, headers=auth)
+            await ws.recv()
+            samples.append((time.perf_counter() - start) * 1000)
+            if n % 100 == 0:
+                show(n, count)
+        show(count, count)
+    samples.sort()
+    return {"p50_ms": statistics.median(samples), "p99_ms": samples[int(len(samples) * 0.99) - 1]}
 
 
 async def measure_upstream(quick: bool, rounds: int) -> dict[str, Any]:
@@ -468,6 +552,14 @@ def report(results: dict[str, Any], quick: bool) -> None:
     print(f"{'metric':<30}{'wsgate':>12}{'bare trio-ws':>14}{'ws + pyjwt':>12}{'vs bare':>10}{'vs peer':>10}")
     for metric, by in results.items():
         if metric.startswith("outage_"):
+            continue
+        if metric == "cluster_handshakes_per_s":
+            one, two = by["1 workers"], by["2 workers"]
+            cells = f"{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}"
+            print(f"{'handshakes/s, 1 / 2 workers':<30}{cells}  (2 vs 1)")
+            continue
+        if metric == "cross_node_push":
+            print(f"{'cross-node push ms p50 / p99':<30}{by['p50_ms']:>12.2f}{by['p99_ms']:>14.2f}")
             continue
         if metric.startswith("upstream_"):
             upstream, local = value(by["upstream"]), value(by["in process"])
