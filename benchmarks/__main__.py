@@ -383,21 +383,30 @@ async def measure_cluster(quick: bool, rounds: int) -> dict[str, Any]:
     serve = [sys.executable, "-m", "wsgate", "serve", "--port", "0"]
     out: dict[str, Any] = {}
     try:
-        workers = {n: Server(f"{n} workers", [*serve, "--workers", str(n)], cluster_env) for n in (1, 2)}
+        admin_env = {**cluster_env, "WSGATE_ADMIN__API_KEY": ADMIN_API_KEY}
+        admins = {1: free_port(), 2: free_port()}
+        workers = {
+            n: Server(
+                f"{n} workers", [*serve, "--workers", str(n), "--admin-port", str(admins[n])], admin_env
+            )
+            for n in (1, 2)
+        }
         try:
             rates: dict[int, list[float]] = {1: [], 2: []}
+            pushes: dict[int, list[float]] = {1: [], 2: []}
             for _ in range(rounds):
                 for n, server in workers.items():
+                    pushes[n].append(await push_rate(server.url, admins[n], 300 if quick else 3000))
                     rate = await handshakes(
                         server.url, 3 if quick else 10, 16, progress(f"handshakes, {n} workers")
                     )
                     rates[n].append(rate.per_s)
             out["cluster_handshakes_per_s"] = {f"{n} workers": median(r) for n, r in rates.items()}
+            out["cluster_pushes_per_s"] = {f"{n} workers": median(r) for n, r in pushes.items()}
         finally:
             for server in workers.values():
                 server.stop()
         admin_port = free_port()
-        admin_env = {**cluster_env, "WSGATE_ADMIN__API_KEY": ADMIN_API_KEY}
         a = Server("node a", [*serve, "--admin-port", str(admin_port)], admin_env)
         b = Server("node b", serve, cluster_env)
         try:
@@ -409,6 +418,40 @@ async def measure_cluster(quick: bool, rounds: int) -> dict[str, Any]:
         redis.terminate()
         redis.wait(15)
     return out
+
+
+async def push_rate(url: str, admin_port: int, count: int) -> float:
+    """Pushes per second from the first worker's /publish (8 at a time) to 20 users, each
+    connected once to whichever worker took the connection, until every push arrived."""
+    import httpx
+
+    users = [f"user-{n}" for n in range(20)]
+    sockets = [await websockets.connect(url, additional_headers=headers(u), compression=None) for u in users]
+    for ws in sockets:
+        await ws.recv()
+    await asyncio.sleep(0.5)  # every worker subscribes to its users' channels
+    auth = {"Authorization": f"Bearer {ADMIN_API_KEY}"}
+    start = time.monotonic()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", timeout=10) as admin:
+
+        async def publish(part: range) -> None:
+            for n in part:
+                body = {"subject": users[n % len(users)], "event": {"n": n}}
+                await admin.post("/publish", json=body, headers=auth)
+
+        async def receive(ws: Any, expected: int) -> None:
+            for _ in range(expected):
+                await ws.recv()
+
+        per_user = [len(range(i, count, len(users))) for i in range(len(users))]
+        await asyncio.gather(
+            *(publish(range(i, count, 8)) for i in range(8)),
+            *(receive(ws, k) for ws, k in zip(sockets, per_user, strict=True)),
+        )
+    elapsed = time.monotonic() - start
+    for ws in sockets:
+        await ws.close()
+    return count / elapsed
 
 
 async def cross_node_push(a: Server, admin_port: int, b: Server, count: int) -> dict[str, float]:
@@ -555,8 +598,13 @@ def report(results: dict[str, Any], quick: bool) -> None:
             continue
         if metric == "cluster_handshakes_per_s":
             one, two = by["1 workers"], by["2 workers"]
-            cells = f"{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}"
-            print(f"{'handshakes/s, 1 / 2 workers':<30}{cells}  (2 vs 1)")
+            row = f"{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}"
+            print(f"{'handshakes/s, 1 / 2 workers':<30}{row}  (2 vs 1)")
+            continue
+        if metric == "cluster_pushes_per_s":
+            one, two = by["1 workers"], by["2 workers"]
+            row = f"{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}"
+            print(f"{'pushes/s, 1 / 2 workers':<30}{row}  (2 vs 1)")
             continue
         if metric == "cross_node_push":
             print(f"{'cross-node push ms p50 / p99':<30}{by['p50_ms']:>12.2f}{by['p99_ms']:>14.2f}")
