@@ -596,15 +596,10 @@ def report(results: dict[str, Any], quick: bool) -> None:
     for metric, by in results.items():
         if metric.startswith("outage_"):
             continue
-        if metric == "cluster_handshakes_per_s":
+        if metric in ("cluster_handshakes_per_s", "cluster_pushes_per_s"):
             one, two = by["1 workers"], by["2 workers"]
-            row = f"{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}"
-            print(f"{'handshakes/s, 1 / 2 workers':<30}{row}  (2 vs 1)")
-            continue
-        if metric == "cluster_pushes_per_s":
-            one, two = by["1 workers"], by["2 workers"]
-            row = f"{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}"
-            print(f"{'pushes/s, 1 / 2 workers':<30}{row}  (2 vs 1)")
+            label = metric.removeprefix("cluster_").replace("_per_s", "/s") + ", 1 / 2 workers"
+            print(f"{label:<30}{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}  (2 vs 1)")
             continue
         if metric == "cross_node_push":
             print(f"{'cross-node push ms p50 / p99':<30}{by['p50_ms']:>12.2f}{by['p99_ms']:>14.2f}")

@@ -20,7 +20,7 @@ import asyncio
 import json
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import jwt
@@ -59,6 +59,19 @@ async def _verified(request: Request) -> tuple[dict[str, Any], dict[str, Any]] |
     return claims, body
 
 
+Handler = Callable[[dict[str, Any], dict[str, Any]], Awaitable[Response]]
+
+
+def verified(route: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """The route, given the request's verified claims and JSON body (a bad token: 401)."""
+
+    async def handle(request: Request) -> Response:
+        checked = await _verified(request)
+        return checked if isinstance(checked, Response) else await route(*checked)
+
+    return handle
+
+
 def _events(body: dict[str, Any]) -> Events:
     text = body["message"]["text"]
     words = text.split()
@@ -90,19 +103,13 @@ async def _sse_stream(
         yield {"event": kind, "data": json.dumps(fields)}
 
 
-async def sse(request: Request) -> Response:
-    verified = await _verified(request)
-    if isinstance(verified, Response):
-        return verified
-    claims, body = verified
+@verified
+async def sse(claims: dict[str, Any], body: dict[str, Any]) -> Response:
     return EventSourceResponse(_watched(claims["jti"], _sse_stream(_events(body))))
 
 
-async def ndjson(request: Request) -> Response:
-    verified = await _verified(request)
-    if isinstance(verified, Response):
-        return verified
-    claims, body = verified
+@verified
+async def ndjson(claims: dict[str, Any], body: dict[str, Any]) -> Response:
 
     async def lines() -> AsyncIterator[bytes]:
         for kind, fields in _events(body):
@@ -112,11 +119,8 @@ async def ndjson(request: Request) -> Response:
     return StreamingResponse(_watched(claims["jti"], lines()), media_type="application/x-ndjson")
 
 
-async def agui(request: Request) -> Response:
-    verified = await _verified(request)
-    if isinstance(verified, Response):
-        return verified
-    claims, body = verified
+@verified
+async def agui(claims: dict[str, Any], body: dict[str, Any]) -> Response:
     run = body["run_id"]
 
     async def stream() -> AsyncIterator[dict[str, str]]:
@@ -140,22 +144,16 @@ async def agui(request: Request) -> Response:
     return EventSourceResponse(_watched(claims["jti"], stream()))
 
 
-async def flaky(request: Request) -> Response:
-    verified = await _verified(request)
-    if isinstance(verified, Response):
-        return verified
-    claims, body = verified
+@verified
+async def flaky(claims: dict[str, Any], body: dict[str, Any]) -> Response:
     ATTEMPTS[claims["jti"]] = ATTEMPTS.get(claims["jti"], 0) + 1
     if ATTEMPTS[claims["jti"]] == 1:
         return JSONResponse({"error": "warming up"}, status_code=503)
     return EventSourceResponse(_watched(claims["jti"], _sse_stream(_events(body))))
 
 
-async def slow(request: Request) -> Response:
-    verified = await _verified(request)
-    if isinstance(verified, Response):
-        return verified
-    claims, _ = verified
+@verified
+async def slow(claims: dict[str, Any], _body: dict[str, Any]) -> Response:
 
     async def stream() -> AsyncIterator[dict[str, str]]:
         yield {"event": "agent_started", "data": "{}"}
@@ -170,10 +168,8 @@ async def hang(request: Request) -> Response:
     return Response(status_code=204)  # pragma: no cover - the gateway gives up first
 
 
-async def garbage(request: Request) -> Response:
-    verified = await _verified(request)
-    if isinstance(verified, Response):
-        return verified
+@verified
+async def garbage(_claims: dict[str, Any], _body: dict[str, Any]) -> Response:
 
     async def stream() -> AsyncIterator[bytes]:
         yield b"data: this is not json\n\n"
