@@ -182,10 +182,3 @@ def numbered(text: str, seq: int) -> str:
     """An encoded server message (a JSON object, from :func:`encode`) with its ``seq``: the
     one place a message gets its number, as it is written (so nothing is encoded twice)."""
     return f'{text[:-1]},"seq":{seq}}}'
-
-
-PONG = encode({"type": "pong", "id": None})  # the answer to a ping without an id, encoded once
-
-
-def encode_pong(ping_id: str | None) -> str:
-    return PONG if ping_id is None else encode({"type": "pong", "id": ping_id})

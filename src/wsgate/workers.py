@@ -43,12 +43,17 @@ def worker_settings(settings: Settings, number: int, port: int) -> Settings:
     return attrs.evolve(settings, server=server, admin=admin)
 
 
+def _port_sharer(host: str) -> socket.socket:
+    """A TCP socket for ``host`` whose port other processes may bind too (SO_REUSEPORT)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
 def _shared_port(host: str, port: int) -> tuple[socket.socket, int]:
     """A socket holding the port for the workers (so ``--port 0`` picks one for all)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    holder = socket.socket(family, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder = _port_sharer(host)
     holder.bind((host, port))  # bound, never listening: it takes no connection
     return holder, holder.getsockname()[1]
 
@@ -128,11 +133,8 @@ def supervise(settings: Settings, serve: Callable[[Settings], int]) -> int:
 
 async def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
     """A listener on ``host:port`` that other processes (the other workers) may share."""
-    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
-    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    sock = trio.socket.from_stdlib_socket(_port_sharer(host))
     try:
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
         await sock.bind((host, port))
         sock.listen(trio.socket.SOMAXCONN)
     except OSError:

@@ -32,6 +32,10 @@ class Authenticated:
     degraded: bool = False
 
 
+#: How long a subject's revocation is kept: as long as any token issued before it may live.
+SUBJECT_REVOCATION_TTL = 86400.0
+
+
 class Revocations:
     """Tokens (by ``jti``) and subjects revoked by the operator, until they can no longer matter.
 
@@ -40,7 +44,7 @@ class Revocations:
     subjects (all kept ``subject_ttl``) in revocation order.
     """
 
-    def __init__(self, subject_ttl: float = 86400.0) -> None:
+    def __init__(self, subject_ttl: float = SUBJECT_REVOCATION_TTL) -> None:
         self._jti: dict[str, float] = {}
         self._jti_expiry: list[tuple[float, str]] = []  # heap; stale entries skipped on pop
         self._subjects: dict[tuple[str | None, str], float] = {}  # oldest revocation first

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import trio
 
+from ..auth.authenticator import SUBJECT_REVOCATION_TTL
 from ..breaker import BreakerConfig, CircuitBreaker, Outcome
 from ..breaker_actor import BreakerActor
 from ..errors import TooManyRequests, leaves
@@ -55,7 +56,7 @@ class RedisBroker:
         url: str,
         *,
         call_timeout: float = 1.0,
-        subject_ttl: float = 86400.0,
+        subject_ttl: float = SUBJECT_REVOCATION_TTL,
         reconnect_max: float = 5.0,
         lease_ttl: float = 30.0,
         node_id: str | None = None,
@@ -80,7 +81,7 @@ class RedisBroker:
         self.node_id = node_id or secrets.token_hex(6)
         self._rng = rng or random.Random()
         self._client: Any = None  # a connected coredis.Redis, while connected
-        self._watched: dict[UserKey, int] = {}
+        self._watched: set[UserKey] = set()  # users with a connection here
         self._changes_send, self._changes = trio.open_memory_channel[tuple[bool, str]](math.inf)
         self._pending: list[Revocation] = []  # made while Redis was away: stored once it is back
         self._state = "connecting"
@@ -93,16 +94,15 @@ class RedisBroker:
     # -- this node's users ------------------------------------------------------------
 
     def watch(self, key: UserKey) -> None:
-        """The node's first connection of this user: take the user's pushes from now on."""
-        self._watched[key] = self._watched.get(key, 0) + 1
-        if self._watched[key] == 1:
-            self._changes_send.send_nowait((True, user_channel(key)))
+        """The node's first connection of this user (the registry says when): take the
+        user's pushes from now on."""
+        self._watched.add(key)
+        self._changes_send.send_nowait((True, user_channel(key)))
 
     def unwatch(self, key: UserKey) -> None:
-        self._watched[key] -= 1
-        if not self._watched[key]:
-            del self._watched[key]
-            self._changes_send.send_nowait((False, user_channel(key)))
+        """The node's last connection of this user is gone."""
+        self._watched.discard(key)
+        self._changes_send.send_nowait((False, user_channel(key)))
 
     # -- calls ---------------------------------------------------------------------------
 

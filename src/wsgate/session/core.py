@@ -311,10 +311,6 @@ class SessionCore:
         """The client's token, for its agent only where ``agent.forward_client_token`` is set."""
         return self.token if self._rules.share_token else None
 
-    @property
-    def runs(self) -> int:
-        return len(self._runs)
-
     def run_event(self, run_id: str, event: str, data: dict[str, Any]) -> str:
         """An event the agent emits: its text to queue. Raises for an event the agent may
         not send (its run's error, not the session's)."""

@@ -224,10 +224,9 @@ class UpstreamAgent:
                             if await self._forward(event, emit):
                                 return
             if first.cancelled_caught:
-                outcome = Outcome.FAILURE
                 raise _Retry(self._no_first_event())
-        except _Retry:
-            outcome = Outcome.FAILURE if outcome is Outcome.ABANDONED else outcome
+        except _Retry:  # a 408/425/429/5xx, or no first event in time
+            outcome = Outcome.FAILURE
             raise
         except UpstreamFailure:
             # The service answered (a refusal, or a stream it spoiled): it is up.
