@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +215,27 @@ class Redis:
             what="redis-server",
         )
 
+    async def query(self, command: str, *args: Any) -> Any:
+        """One command, on a connection of its own (under asyncio or Trio alike)."""
+        import coredis
+
+        async with coredis.Redis.from_url(self.url) as client:
+            return await getattr(client, command)(*args)
+
+    async def subscribers(self, key: tuple[str | None, str]) -> int:
+        """How many nodes follow this user's pushes."""
+        from wsgate.cluster.broker import user_channel
+
+        channel = user_channel(key)
+        counts = await self.query("pubsub_numsub", channel)
+        return int(counts[channel.encode()])
+
+    async def places(self, key: tuple[str | None, str]) -> int:
+        """How many of this user's places in the per-user limit are held, on every node."""
+        from wsgate.cluster.redis import lease_key
+
+        return int(await self.query("zcard", lease_key(key)))
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
@@ -237,6 +260,26 @@ def redis(tmp_path: Path) -> Any:
     server = Redis(tmp_path / "redis")
     yield server
     server.stop()
+
+
+async def until(check: Callable[[], Any], what: str, *, within: float = 10.0) -> Any:
+    """``check()`` (awaited, if it is a coroutine) once it is truthy: for the state of another
+    process (a node subscribed, a worker restarted, a place given back), which a test cannot
+    be told of and asks about again every 50 ms, for at most ``within`` seconds. Runs under
+    asyncio and Trio alike."""
+    import anyio
+
+    deadline = time.monotonic() + within
+    for _ in itertools.count():
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            break
+        await anyio.sleep(0.05)
+    raise AssertionError(f"{what}: not within {within:g} s")
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import attrs
 import pytest
 import trio
 
-from conftest import Redis
+from conftest import Redis, until
 from wsgate.cluster.broker import Reach, Revocation
 from wsgate.cluster.redis import RedisBroker
 from wsgate.errors import TooManyRequests
@@ -32,11 +32,7 @@ class Recorder:
 
 
 async def connected(broker: RedisBroker) -> None:
-    for _ in range(100):
-        if broker.state == "connected":
-            return
-        await trio.sleep(0.05)
-    raise AssertionError(broker.state)
+    await until(lambda: broker.state == "connected", "the broker connected")
 
 
 async def test_calls_cancelled_midway_leave_the_broker_working(redis: Redis) -> None:
@@ -48,23 +44,16 @@ async def test_calls_cancelled_midway_leave_the_broker_working(redis: Redis) -> 
         other.watch(("acme", "u"))
         await connected(broker)
         await connected(other)
-        await trio.sleep(0.2)  # the other node's subscription is made
+        await until(lambda: redis.subscribers(("acme", "u")), "the other node follows the user")
         for n in range(30):  # cancelled at every point a call can be, in turn
             with trio.move_on_after(n * 0.0002):
                 await broker.publish(("acme", "u"), {"n": n})
         assert await broker.publish(("acme", "u"), {"n": "after"}) == Reach(1)
-        for _ in range(100):
-            if there.delivered and there.delivered[-1][1] == {"n": "after"}:
-                break
-            await trio.sleep(0.05)
+        await until(lambda: there.delivered and there.delivered[-1][1] == {"n": "after"}, "the push arrived")
         assert there.delivered[-1] == (("acme", "u"), {"n": "after"})
         revocation = Revocation("jti", "j-1", time.time() + 60)
         assert await broker.revoke(revocation)
-        for _ in range(100):
-            if revocation in there.applied:
-                break
-            await trio.sleep(0.05)
-        assert revocation in there.applied
+        await until(lambda: revocation in there.applied, "the revocation arrived")
         nursery.cancel_scope.cancel()  # the gateway stopping: no exception escapes
 
 
@@ -82,12 +71,10 @@ async def test_claims_count_every_node_and_are_given_back(redis: Redis) -> None:
         with pytest.raises(TooManyRequests):
             await a.claim(key, 2)
         b.release(key, second)
-        for _ in range(50):
-            try:
-                assert await a.claim(key, 2) is not None
-                break
-            except TooManyRequests:
-                await trio.sleep(0.05)
-        else:
-            raise AssertionError("the place given back never came back")
+
+        async def one_held() -> bool:
+            return await redis.places(key) == 1
+
+        await until(one_held, "b's place given back")
+        assert await a.claim(key, 2) is not None
         nursery.cancel_scope.cancel()

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import websockets
 
-from conftest import Redis, Server, start_server, stop
+from conftest import Redis, Server, start_server, stop, until
 from wsgate.auth.tokens import mint_token
 
 pytestmark = pytest.mark.slow
@@ -60,12 +60,22 @@ def broker_state(server: Server) -> str:
     return state
 
 
-def wait_connected(*servers: Server) -> None:
-    for _ in range(100):
-        if all(broker_state(s) == "connected" for s in servers):
-            return
-        time.sleep(0.1)
-    raise AssertionError([broker_state(s) for s in servers])
+async def connected(*servers: Server) -> None:
+    await until(lambda: all(broker_state(s) == "connected" for s in servers), "every broker connected")
+
+
+async def disconnected(*servers: Server) -> None:
+    await until(lambda: all(broker_state(s) != "connected" for s in servers), "every broker disconnected")
+
+
+async def followed(redis: Redis, subject: str, nodes: int) -> bool:
+    """Whether ``nodes`` nodes follow the user's pushes."""
+    return await redis.subscribers((None, subject)) == nodes
+
+
+async def held(redis: Redis, subject: str, places: int) -> bool:
+    """Whether the user holds ``places`` places in the per-user limit, over every node."""
+    return await redis.places((None, subject)) == places
 
 
 async def opened(server: Server, bearer: str) -> Any:
@@ -82,13 +92,13 @@ def test_pushes_and_revocations_reach_every_node(tmp_path: Path, redis: Redis) -
     a, b, c = (node(tmp_path, name, redis) for name in "abc")
     late: Server | None = None
     try:
-        wait_connected(a, b, c)
         old = token("alice", jti="alice-1")
 
         async def main() -> None:
             nonlocal late
+            await connected(a, b, c)
             on_b, on_c = await opened(b, old), await opened(c, token("alice"))
-            await asyncio.sleep(0.3)  # the nodes subscribe to alice's channel
+            await until(lambda: followed(redis, "alice", 2), "B and C follow alice")
             answers = [admin(a, "/publish", {"subject": "alice", "event": {"n": n}}) for n in range(20)]
             assert all(x == {"delivered": 0, "connections": 0, "nodes": 2} for x in answers)
             assert await pushed(on_b, 20) == list(range(20))  # in order, on every node
@@ -111,7 +121,7 @@ def test_pushes_and_revocations_reach_every_node(tmp_path: Path, redis: Redis) -
             assert time.monotonic() - start < 1.0
             # A node started afterwards still refuses the revoked token.
             late = node(tmp_path, "late", redis)
-            wait_connected(late)
+            await connected(late)
             with pytest.raises(websockets.InvalidStatus) as refused:
                 await opened(late, old)
             assert refused.value.response.status_code == 403
@@ -125,16 +135,13 @@ def test_pushes_and_revocations_reach_every_node(tmp_path: Path, redis: Redis) -
 def test_redis_away_is_not_an_outage_and_its_return_heals_the_cluster(tmp_path: Path, redis: Redis) -> None:
     a, b = node(tmp_path, "a", redis), node(tmp_path, "b", redis)
     try:
-        wait_connected(a, b)
         doomed = token("bob", jti="bob-1")
 
         async def main() -> None:
+            await connected(a, b)
             on_b = await opened(b, doomed)
             redis.kill()
-            for _ in range(50):
-                if broker_state(a) != "connected":
-                    break
-                await asyncio.sleep(0.1)
+            await disconnected(a)
             # Local connections go on: a full run on A.
             ws = await opened(a, token("carol"))
             async with ws:
@@ -145,14 +152,14 @@ def test_redis_away_is_not_an_outage_and_its_return_heals_the_cluster(tmp_path: 
             assert answer["nodes"] is None and "broker" in answer["unreached"]
             assert admin(a, "/revoke", {"jti": "bob-1"})["cluster"].startswith("pending")
             redis.start()
-            wait_connected(a, b)
+            await connected(a, b)
             # The revocation made meanwhile reaches B once Redis is back...
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(on_b.recv(), 5)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
             # ...and pushes go through again, without restarting any node.
             on_b = await opened(b, token("bob"))
-            await asyncio.sleep(0.3)
+            await until(lambda: followed(redis, "bob", 1), "B follows bob")
             assert admin(a, "/publish", {"subject": "bob", "event": {"n": 1}})["nodes"] == 1
             assert await pushed(on_b, 1) == [1]
             await on_b.close()
@@ -180,7 +187,6 @@ def test_the_per_user_limit_counts_every_node_and_a_dead_nodes_places_come_back(
     limits = {"WSGATE_SERVER__MAX_CONNECTIONS_PER_USER": "2", "WSGATE_CLUSTER__LEASE_TTL": "2"}
     a, b, c = (node(tmp_path, name, redis, **limits) for name in "abc")
     try:
-        wait_connected(a, b, c)
 
         async def refused(server: Server) -> int:
             with pytest.raises(websockets.InvalidStatus) as refusal:
@@ -188,24 +194,25 @@ def test_the_per_user_limit_counts_every_node_and_a_dead_nodes_places_come_back(
             status: int = refusal.value.response.status_code
             return status
 
+        async def opened_or_none(server: Server) -> Any:
+            try:
+                return await opened(server, token("dana"))
+            except websockets.InvalidStatus:
+                return None
+
         async def main() -> None:
+            await connected(a, b, c)
             on_a, on_b = await opened(a, token("dana")), await opened(b, token("dana"))
             assert await refused(c) == 429  # two on other nodes: none left here
             await on_a.close()
-            await asyncio.sleep(0.3)  # given back
+            await until(lambda: held(redis, "dana", 1), "A gives its place back")
             on_c = await opened(c, token("dana"))
             assert await refused(a) == 429
             # A node killed outright gives nothing back; its lease expires (2 s) instead.
             b.proc.kill()
             b.proc.communicate()
             start = time.monotonic()
-            while True:
-                try:
-                    again = await opened(a, token("dana"))
-                    break
-                except websockets.InvalidStatus:
-                    assert time.monotonic() - start < 5, "the dead node's place never came back"
-                    await asyncio.sleep(0.2)
+            again = await until(lambda: opened_or_none(a), "the dead node's place comes back", within=5)
             assert time.monotonic() - start <= 2 + 1
             await again.close()
             await on_c.close()
@@ -223,14 +230,11 @@ def test_with_redis_away_the_limit_falls_back_to_each_nodes_own(tmp_path: Path, 
     limits = {"WSGATE_SERVER__MAX_CONNECTIONS_PER_USER": "1"}
     a, b = node(tmp_path, "a", redis, **limits), node(tmp_path, "b", redis, **limits)
     try:
-        wait_connected(a, b)
-        redis.kill()
-        for _ in range(50):
-            if broker_state(a) != "connected" and broker_state(b) != "connected":
-                break
-            time.sleep(0.1)
 
         async def main() -> None:
+            await connected(a, b)
+            redis.kill()
+            await disconnected(a, b)
             on_a, on_b = await opened(a, token("erin")), await opened(b, token("erin"))  # one per node
             with pytest.raises(websockets.InvalidStatus):
                 await opened(a, token("erin"))  # the node's own limit still holds

@@ -17,7 +17,7 @@ import jwt
 import pytest
 import websockets
 
-from conftest import Server, run_once, start_process, start_server, stop
+from conftest import Server, run_once, start_process, start_server, stop, until
 
 pytestmark = pytest.mark.slow
 
@@ -158,11 +158,9 @@ def test_failures_end_runs_cleanly_and_leave_the_connection_and_its_neighbours_a
     flaky = [r for r in observed["requests"] if r.get("path") == "/flaky"]
     assert len(flaky) == 2 and flaky[0]["claims"]["jti"] == flaky[1]["claims"]["jti"]
     slow = next(r for r in observed["requests"] if r.get("path") == "/slow")
-    for _ in range(50):  # the backend notices the hang-up on its own schedule
-        if slow["claims"]["jti"] in seen(backend)["disconnected"]:
-            break
-        asyncio.run(asyncio.sleep(0.1))
-    assert slow["claims"]["jti"] in seen(backend)["disconnected"]
+    # The backend notices the hang-up on its own schedule.
+    hung_up = asyncio.run(until(lambda: slow["claims"]["jti"] in seen(backend)["disconnected"], "hang-up"))
+    assert hung_up
 
 
 async def exercise(server: Server, first: str, second: str, *, cancel: bool) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import websockets
 
-from conftest import WSGATE, Redis, data_home, free_port, start_process
+from conftest import WSGATE, Redis, data_home, free_port, start_process, until
 from wsgate.auth.tokens import mint_token
 
 pytestmark = pytest.mark.slow
@@ -75,12 +75,6 @@ def test_two_workers_share_the_port_are_kept_alive_and_drain_together(tmp_path: 
     )
     url = match.group(1)
     try:
-        for _ in range(50):
-            workers = children(proc.pid)
-            if len(workers) == 2:
-                break
-            time.sleep(0.1)
-        assert len(workers) == 2
 
         async def connect(n: int) -> Any:
             bearer = mint_token(SECRET.encode(), f"user-{n}", now=time.time(), ttl=600)
@@ -88,25 +82,26 @@ def test_two_workers_share_the_port_are_kept_alive_and_drain_together(tmp_path: 
             assert json.loads(await ws.recv())["type"] == "session.ready"
             return ws
 
+        def answers(admin_port: int) -> bool:
+            try:
+                open_connections(admin_port)
+            except httpx.HTTPError:
+                return False
+            return True
+
         async def main() -> None:
+            workers = await until(lambda: len(children(proc.pid)) == 2 and children(proc.pid), "two workers")
             clients = [await connect(n) for n in range(20)]
             per_worker = [open_connections(admin), open_connections(admin + 1)]
             assert sum(per_worker) == 20 and min(per_worker) > 0, per_worker  # both take connections
             # One worker killed: its clients drop, the parent starts another in its place.
             victim = min(workers)
             os.kill(victim, signal.SIGKILL)
-            for _ in range(100):
-                now = children(proc.pid)
-                if len(now) == 2 and victim not in now:
-                    break
-                await asyncio.sleep(0.1)
-            assert len(now) == 2 and victim not in now
-            for _ in range(50):  # the new worker takes its admin port again
-                try:
-                    open_connections(admin + sorted(workers).index(victim))
-                    break
-                except httpx.HTTPError:
-                    await asyncio.sleep(0.1)
+            await until(
+                lambda: len(now := children(proc.pid)) == 2 and victim not in now, "a worker in its place"
+            )
+            # The new worker takes its admin port again (worker 0 was started first).
+            await until(lambda: answers(admin + sorted(workers).index(victim)), "its admin listener")
             survivors = []
             for ws in clients:
                 try:
