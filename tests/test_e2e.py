@@ -47,7 +47,7 @@ def test_dev_mode_banner_key_file_and_golden_path_with_bearer_header(dev_server:
     assert ready["type"] == "session.ready" and ready["subject"] == "alice"
     assert [e["type"] for e in events] == AGENT_EVENTS
     seqs = [e["seq"] for e in events]
-    assert seqs == sorted(seqs) and seqs[0] > ready["seq"]
+    assert seqs == list(range(1, len(seqs) + 1)) and "seq" not in ready
 
 
 def test_golden_path_with_subprotocol_token(dev_server: Server) -> None:

@@ -18,6 +18,7 @@ def module_name(path: Path) -> str:
 def imports() -> dict[str, set[str]]:
     """Each wsgate module and the wsgate modules it imports (anywhere in it)."""
     graph: dict[str, set[str]] = {}
+    modules = {module_name(path) for path in SRC.rglob("*.py")}
     for path in SRC.rglob("*.py"):
         name = module_name(path)
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
@@ -31,7 +32,9 @@ def imports() -> dict[str, set[str]]:
                 else:
                     target = node.module or ""
                 if target.startswith("wsgate"):
-                    found.add(target)
+                    # `from . import effects` imports the module wsgate.session.effects.
+                    submodules = {f"{target}.{alias.name}" for alias in node.names} & modules
+                    found |= submodules or {target}
             elif isinstance(node, ast.Import):
                 found |= {alias.name for alias in node.names if alias.name.startswith("wsgate")}
         graph[name] = {t for t in found if t != name}

@@ -69,7 +69,7 @@ async def test_refresh_rearms_and_the_stream_has_no_gap(autojump_clock: trio.tes
             "tool_completed",
             "agent_completed",
         ]
-        assert [m["seq"] for m in seen] == list(range(2, 2 + len(seen)))
+        assert [m["seq"] for m in seen] == list(range(1, 1 + len(seen)))
         # Re-armed: the next warning comes 10 s before the new expiry.
         at, warning = await receive_timed(client)
         assert warning["type"] == "auth.expiring"

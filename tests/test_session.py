@@ -35,13 +35,13 @@ async def test_golden_path(autojump_clock: trio.testing.MockClock, via: str) -> 
         assert client.subprotocol == ("wsgate.v1" if via == "subprotocol" else None)
         events = await client.run("hello there world")
         assert [e["type"] for e in events] == AGENT_EVENTS
-        assert [e["seq"] for e in events] == [2, 3, 4, 5, 6]
+        assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
         assert {e["run_id"] for e in events} == {"r1"}
         assert events[3]["result"]["words"] == 3
         assert events[-1]["status"] == "ok"
         # A second run on the same connection continues the sequence.
         again = await client.run("x")
-        assert [e["seq"] for e in again] == [7, 8, 9, 10, 11]
+        assert [e["seq"] for e in again] == [6, 7, 8, 9, 10]
         assert {e["run_id"] for e in again} == {"r2"}
 
 
@@ -112,12 +112,12 @@ async def test_run_cancel_gives_a_terminal_event(autojump_clock: trio.testing.Mo
         assert started["type"] == "agent_started"
         await client.send_json({"type": "run.cancel", "run_id": started["run_id"]})
         done = await client.receive_json()
-        assert done == {"type": "agent_completed", "run_id": "r1", "status": "cancelled", "seq": 3}
+        assert done == {"type": "agent_completed", "run_id": "r1", "status": "cancelled", "seq": 2}
         await client.send_json({"type": "run.cancel", "run_id": "r1"})
         assert (await client.receive_json())["code"] == "unknown_run"
         # Nothing more of r1 arrives; the connection still works.
         await client.send_json({"type": "ping", "id": "p"})
-        assert await client.receive_json() == {"type": "pong", "id": "p", "seq": 5}
+        assert await client.receive_json() == {"type": "pong", "id": "p", "seq": 4}
 
 
 @pytest.mark.parametrize(
@@ -236,7 +236,7 @@ async def test_concurrent_runs_are_bounded(autojump_clock: trio.testing.MockCloc
         done = [m for m in seen if m["type"] == "agent_completed"]
         assert sorted(m["run_id"] for m in done) == ["r1", "r2"]
         seqs = [m["seq"] for m in seen]
-        assert seqs == sorted(seqs) == list(range(2, 13))
+        assert seqs == sorted(seqs) == list(range(1, 12))
 
 
 async def _closed_by_client(h: GatewayHarness, *, mid_run: bool) -> Session:
@@ -269,13 +269,15 @@ async def test_a_client_close_stops_writer_and_watchdog_without_cancelling(
 
 
 async def test_a_client_close_mid_run_cancels_the_run(autojump_clock: trio.testing.MockClock) -> None:
-    """With a run still going, the client's close cancels the session's nursery (and the run)."""
+    """With a run still going, the client's close (final: the session ends) cancels the run,
+    which lives beside the connection, not in its nursery; the connection ends gently."""
     async with open_harness() as h:
         session = await _closed_by_client(h, mid_run=True)
         assert session.close_code == CloseCode.NORMAL
         assert session._nursery is not None
-        assert session._nursery.cancel_scope.cancel_called
-        assert session._scopes == {}
+        assert not session._nursery.cancel_scope.cancel_called
+        assert session.host._scopes == {}
+        assert h.gateway.stats["run.cancelled"] == 1
         assert h.gateway.stats["close.1000"] == 1
 
 

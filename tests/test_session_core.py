@@ -17,13 +17,31 @@ import pytest
 from wsgate.auth.tokens import Identity, TokenSource
 from wsgate.errors import CloseCode
 from wsgate.handshake import Admission
+from wsgate.session import effects
 from wsgate.session.core import SessionCore
-from wsgate.session.effects import RECHECK, START_PING, CancelRun, Close, Refresh, Rules, Send, StartRun
+from wsgate.session.effects import (
+    RECHECK,
+    START_PING,
+    CancelRun,
+    Close,
+    Refresh,
+    Resume,
+    Rules,
+    Send,
+    StartRun,
+)
 from wsgate.session.lifecycle import LifecycleConfig, TokenLifecycle
 from wsgate.session.messages import Pushed
 
 WALL = 1_000_000.0  # the wall clock when the session opens; its monotonic clock reads 0
-RULES = Rules(heartbeat_interval=20.0, max_runs=2, message_rate=1.0, message_burst=3, refresh_limit=2)
+RULES = Rules(
+    heartbeat_interval=20.0,
+    max_runs=2,
+    message_rate=1.0,
+    message_burst=3,
+    refresh_limit=2,
+    resume_window=120.0,
+)
 
 
 def identity(subject: str = "alice", ttl: float = 900.0) -> Identity:
@@ -55,7 +73,13 @@ def describe(effect: object) -> str:
     if isinstance(effect, Refresh):
         return "refresh"
     if isinstance(effect, Close):
-        return f"close {int(effect.code)}" + ("" if effect.flush else " noflush")
+        return (
+            f"close {int(effect.code)}"
+            + ("" if effect.flush else " noflush")
+            + (" detach" if effect.detach else "")
+        )
+    if isinstance(effect, Resume):
+        return "resume"
     return {START_PING: "ping", RECHECK: "recheck"}[effect]  # type: ignore[index]
 
 
@@ -84,11 +108,18 @@ def closed() -> SessionCore:
     return core
 
 
+def detached() -> SessionCore:
+    core = open_running()
+    assert describe(core.close(effects.DROPPED)) == "close 1006 noflush detach"
+    return core
+
+
 STATES: dict[str, Callable[[], SessionCore]] = {
     "open": open_idle,
     "running": open_running,
     "draining": draining,
     "closed": closed,
+    "detached": detached,
 }
 
 # -- the events ---------------------------------------------------------------------
@@ -155,134 +186,302 @@ EVENTS: dict[str, Event] = {
     "server push": lambda core: core.offer(Pushed({"n": 1})),
     "pushes dropped, then caught up": pushed_dropped_then_caught_up,
     "restored": lambda core: core.restored(),
-    "idle": lambda core: core.idle(),
-    "client closed": lambda core: core.socket_closed(dropped=False),
-    "connection dropped": lambda core: core.socket_closed(dropped=True),
-    "slow consumer": lambda core: core.slow_consumer(),
-    "write stuck": lambda core: core.slow_consumer(stuck=True),
-    "ping timeout": lambda core: core.ping_timeout(),
-    "revoked": lambda core: core.revoked(),
-    "failed": lambda core: core.failed(),
+    "idle": lambda core: core.close(effects.IDLE),
+    "client closed": lambda core: core.close(effects.CLIENT_CLOSED),
+    "connection dropped": lambda core: core.close(effects.DROPPED),
+    "slow consumer": lambda core: core.close(effects.SLOW_CONSUMER),
+    "write stuck": lambda core: core.close(effects.WRITE_STUCK),
+    "ping timeout": lambda core: core.close(effects.PING_TIMEOUT),
+    "revoked": lambda core: core.close(effects.REVOKED),
+    "failed": lambda core: core.close(effects.FAILED),
+    "session.resume first": receive(text("session.resume", session_id="s-0", resume_token="t", last_seq=0)),
+    "moved to another connection": lambda core: core.close(effects.MOVED),
+    "resume window passed": lambda core: core.close(effects.WINDOW_PASSED),
+    "resumed by a new connection": lambda core: core.resume(Admission(identity(), None), 2.0, WALL + 2),
 }
 
-#           open                      running                   draining                      closed
-TABLE: dict[str, tuple[str, str, str, str]] = {
-    "ping": ("send pong | open", "send pong | open", "send pong | draining", "- | closed"),
-    "user_message": ("start r1 | open", "start r2 | open", "send error:draining | draining", "- | closed"),
+# Columns: open, running, draining, closed, detached.
+TABLE: dict[str, tuple[str, str, str, str, str]] = {
+    "ping": (
+        "send pong | open",
+        "send pong | open",
+        "send pong | draining",
+        "- | closed",
+        "- | detached",
+    ),
+    "user_message": (
+        "start r1 | open",
+        "start r2 | open",
+        "send error:draining | draining",
+        "- | closed",
+        "- | detached",
+    ),
     "run.cancel of r1": (
         "send error:unknown_run | open",
         "cancel r1 | open",
         "cancel r1 | draining",
         "- | closed",
+        "- | detached",
     ),
     "run.cancel of no run": (
         "send error:unknown_run | open",
         "send error:unknown_run | open",
         "send error:unknown_run | draining",
         "- | closed",
+        "- | detached",
     ),
-    "auth.refresh": ("refresh | open", "refresh | open", "refresh | draining", "- | closed"),
+    "auth.refresh": (
+        "refresh | open",
+        "refresh | open",
+        "refresh | draining",
+        "- | closed",
+        "- | detached",
+    ),
     "auth": (
         "send error:already_authenticated | open",
         "send error:already_authenticated | open",
         "send error:already_authenticated | draining",
         "- | closed",
+        "- | detached",
     ),
     "not JSON": (
         "send error:bad_message | open",
         "send error:bad_message | open",
         "send error:bad_message | draining",
         "- | closed",
+        "- | detached",
     ),
     "a binary frame": (
         "send error:bad_message | open",
         "send error:bad_message | open",
         "send error:bad_message | draining",
         "- | closed",
+        "- | detached",
     ),
     "unknown type": (
         "send error:unknown_type | open",
         "send error:unknown_type | open",
         "send error:unknown_type | draining",
         "- | closed",
+        "- | detached",
     ),
     "malformed past the budget": (
         "send error:bad_message; send error:bad_message; close 4400 | closed",
         "send error:bad_message; send error:bad_message; close 4400 | closed",
         "send error:bad_message; send error:bad_message; close 4400 | closed",
         "- | closed",
+        "- | detached",
     ),
     "over the message rate": (
         "send pong; send pong; send pong; close 4429 | closed",
-        "send pong; send pong; close 4429 | closed",  # the run's user_message took one
+        "send pong; send pong; close 4429 | closed",
         "send pong; send pong; close 4429 | closed",
         "- | closed",
+        "- | detached",
     ),
     "refreshes over the window": (
         "refresh; refresh; close 4429 | closed",
         "refresh; refresh; close 4429 | closed",
         "refresh; refresh; close 4429 | closed",
         "- | closed",
+        "- | detached",
     ),
     "refreshed": (
         "send auth.refreshed | open",
         "send auth.refreshed | open",
         "send auth.refreshed | draining",
         "- | closed",
+        "- | detached",
     ),
-    "refreshed as another subject": ("close 4403 | closed",) * 3 + ("- | closed",),
-    "refreshed after expiry": ("close 4401 | closed",) * 3 + ("- | closed",),
+    "refreshed as another subject": (
+        "close 4403 | closed",
+        "close 4403 | closed",
+        "close 4403 | closed",
+        "- | closed",
+        "- | detached",
+    ),
+    "refreshed after expiry": (
+        "close 4401 | closed",
+        "close 4401 | closed",
+        "close 4401 | closed",
+        "- | closed",
+        "- | detached",
+    ),
     "refresh failed": (
         "send error:refresh_rejected | open",
         "send error:refresh_rejected | open",
         "send error:refresh_rejected | draining",
         "- | closed",
+        "- | detached",
     ),
-    "timer, nothing due": ("- | open", "- | open", "- | draining", "- | closed"),
-    "timer, ping due": ("ping | open", "ping | open", "ping | draining", "- | closed"),
-    "timer, re-check due": ("recheck | open", "recheck | open", "recheck | draining", "- | closed"),
+    "timer, nothing due": (
+        "- | open",
+        "- | open",
+        "- | draining",
+        "- | closed",
+        "- | detached",
+    ),
+    "timer, ping due": (
+        "ping | open",
+        "ping | open",
+        "ping | draining",
+        "- | closed",
+        "- | detached",
+    ),
+    "timer, re-check due": (
+        "recheck | open",
+        "recheck | open",
+        "recheck | draining",
+        "- | closed",
+        "- | detached",
+    ),
     "timer, warning due": (
         "send auth.expiring; recheck | open",
         "send auth.expiring; recheck | open",
         "send auth.expiring; recheck | draining",
         "- | closed",
+        "- | detached",
     ),
-    "timer, expired": ("close 4401 | closed",) * 3 + ("- | closed",),
-    "pong": ("- | open", "- | open", "- | draining", "- | closed"),
+    "timer, expired": (
+        "close 4401 | closed",
+        "close 4401 | closed",
+        "close 4401 | closed",
+        "- | closed",
+        "- | detached",
+    ),
+    "pong": (
+        "- | open",
+        "- | open",
+        "- | draining",
+        "- | closed",
+        "- | detached",
+    ),
     "agent event of r1": (
         "raises KeyError | open",
         "send agent_thinking | open",
         "send agent_thinking | draining",
         "send agent_thinking | closed",
+        "send agent_thinking | detached",
     ),
     "r1 ended": (
         "raises KeyError | open",
         "send agent_completed | open",
-        "send agent_completed; close 1001 | closed",
+        "send agent_completed; close 1001 detach | detached",
         "- | closed",
+        "send agent_completed | detached",
     ),
     "drain": (
-        "send session.draining; close 1001 | closed",
+        "send session.draining; close 1001 detach | detached",
         "send session.draining | draining",
         "- | draining",
         "- | closed",
+        "- | detached",
     ),
-    "server push": ("send event | open", "send event | open", "send event | draining", "- | closed"),
+    "server push": (
+        "send event | open",
+        "send event | open",
+        "send event | draining",
+        "- | closed",
+        "- | detached",
+    ),
     "pushes dropped, then caught up": (
         "True; False; send error:events_dropped | open",
         "True; False; send error:events_dropped | open",
         "True; False; send error:events_dropped | draining",
         "True; False; send error:events_dropped | closed",
+        "True; False; send error:events_dropped | detached",
     ),
-    "restored": ("- | open", "- | open", "- | draining", "- | closed"),
-    "idle": ("close 1000 | closed",) * 3 + ("- | closed",),
-    "client closed": ("close 1000 noflush | closed",) * 3 + ("- | closed",),
-    "connection dropped": ("close 1006 noflush | closed",) * 3 + ("- | closed",),
-    "slow consumer": ("close 1008 | closed",) * 3 + ("- | closed",),
-    "write stuck": ("close 1008 noflush | closed",) * 3 + ("- | closed",),
-    "ping timeout": ("close 1001 noflush | closed",) * 3 + ("- | closed",),
-    "revoked": ("close 4403 | closed",) * 3 + ("- | closed",),
-    "failed": ("close 1011 noflush | closed",) * 3 + ("- | closed",),
+    "restored": (
+        "- | open",
+        "- | open",
+        "- | draining",
+        "- | closed",
+        "- | detached",
+    ),
+    "idle": (
+        "close 1000 | closed",
+        "close 1000 | closed",
+        "close 1000 | closed",
+        "- | closed",
+        "close 1000 noflush | closed",
+    ),
+    "client closed": (
+        "close 1000 noflush | closed",
+        "close 1000 noflush | closed",
+        "close 1000 noflush | closed",
+        "- | closed",
+        "close 1000 noflush | closed",
+    ),
+    "connection dropped": (
+        "close 1006 noflush detach | detached",
+        "close 1006 noflush detach | detached",
+        "close 1006 noflush detach | detached",
+        "- | closed",
+        "- | detached",
+    ),
+    "slow consumer": (
+        "close 1008 detach | detached",
+        "close 1008 detach | detached",
+        "close 1008 detach | detached",
+        "- | closed",
+        "- | detached",
+    ),
+    "write stuck": (
+        "close 1008 noflush detach | detached",
+        "close 1008 noflush detach | detached",
+        "close 1008 noflush detach | detached",
+        "- | closed",
+        "- | detached",
+    ),
+    "ping timeout": (
+        "close 1001 noflush detach | detached",
+        "close 1001 noflush detach | detached",
+        "close 1001 noflush detach | detached",
+        "- | closed",
+        "- | detached",
+    ),
+    "revoked": (
+        "close 4403 | closed",
+        "close 4403 | closed",
+        "close 4403 | closed",
+        "- | closed",
+        "close 4403 noflush | closed",
+    ),
+    "failed": (
+        "close 1011 noflush | closed",
+        "close 1011 noflush | closed",
+        "close 1011 noflush | closed",
+        "- | closed",
+        "close 1011 noflush | closed",
+    ),
+    "session.resume first": (
+        "resume | open",
+        "send error:resume_not_first | open",
+        "send error:resume_not_first | draining",
+        "- | closed",
+        "- | detached",
+    ),
+    "moved to another connection": (
+        "close 4409 noflush detach | detached",
+        "close 4409 noflush detach | detached",
+        "close 4409 noflush detach | detached",
+        "- | closed",
+        "- | detached",
+    ),
+    "resume window passed": (
+        "close 1001 | closed",
+        "close 1001 | closed",
+        "close 1001 | closed",
+        "- | closed",
+        "close 1001 noflush | closed",
+    ),
+    "resumed by a new connection": (
+        "- | open",
+        "- | open",
+        "- | open",
+        "raises ValueError | closed",
+        "- | open",
+    ),
 }
 
 
@@ -327,14 +526,18 @@ def test_the_first_close_wins_and_the_token_is_let_go() -> None:
     assert core.token is None  # nothing re-checks a closing session
 
 
-def test_messages_are_numbered_in_the_order_written() -> None:
+def test_messages_are_numbered_in_the_order_queued_and_logged() -> None:
     core = new_core()
-    assert core.number(['{"type":"pong","id":null}', '{"type":"a"}']) == [
+    texts = ['{"type":"pong","id":null}', '{"type":"a"}', '{"type":"b"}']
+    assert [core.number(t) for t in texts] == [
         '{"type":"pong","id":null,"seq":1}',
         '{"type":"a","seq":2}',
+        '{"type":"b","seq":3}',
     ]
-    assert core.number(['{"type":"b"}']) == ['{"type":"b","seq":3}']
     assert core.seq == 3
+    assert core.log.after(1) == ['{"type":"a","seq":2}', '{"type":"b","seq":3}']
+    assert core.log.after(3) == []
+    assert core.log.after(4) is None  # ahead of the session: not a replay
 
 
 def test_a_refresh_moves_the_timers() -> None:

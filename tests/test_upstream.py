@@ -162,13 +162,13 @@ async def test_the_backend_streams_and_the_client_gets_every_event_in_order(
         ("agent_completed", None),
     ]
     assert {e["run_id"] for e in events} == {"r1"}
-    assert [e["seq"] for e in events] == [2, 3, 4, 5, 6, 7]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]
     assert completed(events) == {
         "type": "agent_completed",
         "run_id": "r1",
         "status": "ok",
         "output": "Hello",
-        "seq": 7,
+        "seq": 6,
     }
     assert len(backend.requests) == 1
 
@@ -291,7 +291,7 @@ async def test_unknown_events_are_dropped_unless_passed_through_and_gateway_fiel
     settings = upstream_settings(**{"agent.passthrough_events": ["usage"]})
     events, h = await run_through(answering(parts)(), settings=settings)
     assert [e["type"] for e in events] == ["agent_started", "usage", "agent_completed"]
-    assert events[0] == {"type": "agent_started", "run_id": "r1", "seq": 2}
+    assert events[0] == {"type": "agent_started", "run_id": "r1", "seq": 1}
     assert events[1]["tokens"] == 12
     assert upstream_stats(h)["dropped_events"] == 1
 
@@ -484,15 +484,24 @@ async def test_run_cancel_closes_the_backends_stream(autojump_clock: trio.testin
         assert completed(await client.run("again"))["status"] == "ok"
 
 
+@pytest.mark.parametrize("window", [0.0, 120.0])
 async def test_a_slow_client_slows_the_backend_and_memory_stays_within_the_queue(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, window: float
 ) -> None:
     """The backend floods; the client reads nothing. The gateway stops reading the backend
-    once the session's queue is full, then closes the slow consumer (1008), which ends the
-    run and closes the backend's stream."""
+    once the session's queue is full, then closes the slow consumer (1008). Without resuming,
+    that ends the run and closes the backend's stream; with it, the session is detached and
+    the run goes on into the session's log, which keeps no more than ``resume.max_bytes``."""
     flood: Parts = [sse("agent_started"), *[sse("agent_delta", text="x" * 100)] * 10_000]
     backend = answering(flood)()
-    settings = upstream_settings(**{"server.send_queue_messages": 16, "server.slow_consumer_timeout": 2})
+    settings = upstream_settings(
+        **{
+            "server.send_queue_messages": 16,
+            "server.slow_consumer_timeout": 2,
+            "resume.window": window,
+            "resume.max_bytes": 64 * 1024,
+        }
+    )
     async with (
         open_harness(settings, agent=upstream_agent(settings, backend)) as h,
         h.connect(h.token(), lockstep=True) as client,
@@ -501,9 +510,15 @@ async def test_a_slow_client_slows_the_backend_and_memory_stays_within_the_queue
         await client.send_json({"type": "user_message", "text": "flood"})
         await trio.sleep(10)  # reads nothing meanwhile
         await trio.testing.wait_all_tasks_blocked()
-        assert backend.closed == [1] and backend.finished == []
         assert h.gateway.stats["close.1008"] == 1  # a slow consumer (its queue, or a stuck write)
         assert h.gateway.stats["close.1011"] == 0
+        if window == 0:
+            assert backend.closed == [1] and backend.finished == []
+        else:
+            assert backend.finished == [1]  # read to its end, into the detached session's log
+            (host,) = h.gateway.sessions.detached_hosts()
+            assert 0 < host.core.log.bytes <= 64 * 1024
+            assert host.core.seq == 10_002  # every event numbered, and the terminal one
 
 
 # -- pure pieces --------------------------------------------------------------------

@@ -242,6 +242,17 @@ class ClusterSettings:
 
 
 @attrs.frozen
+class ResumeSettings:
+    """Sessions that outlive their connection: how long a detached one waits to be resumed,
+    and how much of what it sent it keeps to replay (``docs/protocol.md``, "Resuming")."""
+
+    #: Seconds a detached session (and its runs) waits for its client; 0 turns resuming off.
+    window: float = attrs.field(default=120.0, validator=_between(0, 86400))
+    max_events: int = attrs.field(default=1000, validator=_between(1, 1_000_000))
+    max_bytes: int = attrs.field(default=1024 * 1024, validator=_between(1024, 1024**3))
+
+
+@attrs.frozen
 class LogSettings:
     level: str = attrs.field(default="info", validator=_one_of("debug", "info", "warning", "error"))
     format: str = attrs.field(default="text", validator=_one_of("text", "json"))
@@ -257,6 +268,7 @@ class Settings:
     dev: DevSettings = DevSettings()
     agent: AgentSettings = AgentSettings()
     cluster: ClusterSettings = ClusterSettings()
+    resume: ResumeSettings = ResumeSettings()
     log: LogSettings = LogSettings()
 
     @property

@@ -27,6 +27,8 @@ class CloseCode(enum.IntEnum):
     UNAUTHORIZED = 4401
     FORBIDDEN = 4403
     AUTH_TIMEOUT = 4408
+    #: The session was resumed on another connection; this one is no longer its.
+    SESSION_MOVED = 4409
     RATE_LIMITED = 4429
 
 

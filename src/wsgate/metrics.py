@@ -24,6 +24,7 @@ from .breaker import BreakerState
 from .breaker_actor import BreakerActor
 from .cluster.redis import RedisBroker
 from .registry import Registry
+from .session.sessions import Sessions
 from .upstream.agent import UpstreamAgent
 
 BREAKER_STATE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -49,6 +50,12 @@ FAMILIES: dict[str, Family] = {
     "recheck": Family("wsgate_rechecks", "Re-checks of live sessions that changed them.", "outcome"),
     "run": Family("wsgate_agent_runs", "Agent runs by final status.", "status"),
     "send": Family("wsgate_send", "Back-pressure events.", "event"),
+    "session": Family(
+        "wsgate_sessions",
+        "Sessions beyond a connection: detached, resumed, expired (never resumed); resume_refused"
+        " (unknown session, token or user), resume_gap, resume_expired.",
+        "event",
+    ),
     "connection": Family(
         "wsgate_connection_failures", "Connections ended by a bug of ours (logged).", "kind"
     ),
@@ -56,6 +63,7 @@ FAMILIES: dict[str, Family] = {
 PLAIN: dict[str, tuple[str, str]] = {
     "agent_events": ("wsgate_agent_events", "Agent events queued for clients."),
     "published": ("wsgate_published_events", "Server-push events queued."),
+    "replayed": ("wsgate_replayed_messages", "Messages replayed to resumed sessions."),
     "revoked": ("wsgate_revoked_sessions", "Sessions closed because their token or subject was revoked."),
 }
 
@@ -99,9 +107,10 @@ class Metrics:
         breaker: BreakerActor,
         upstream: UpstreamAgent | None = None,
         broker: RedisBroker | None = None,
+        detached: Sessions | None = None,
     ) -> None:
         """Collect counters and gauges from these at each scrape."""
-        self.registry.register(_GatewayCollector(stats, sessions, auth, breaker, upstream, broker))
+        self.registry.register(_GatewayCollector(stats, sessions, auth, breaker, upstream, broker, detached))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -124,8 +133,10 @@ class _GatewayCollector(Collector):
         breaker: BreakerActor,
         upstream: UpstreamAgent | None,
         broker: RedisBroker | None,
+        detached: Sessions | None,
     ) -> None:
         self._stats = stats
+        self._detached = detached
         self._sessions = sessions
         self._auth = auth
         self._breaker = breaker
@@ -145,6 +156,13 @@ class _GatewayCollector(Collector):
         for outcome, count in sorted(outcomes.items()):
             open_by.add_metric([outcome], count)
         yield open_by
+        if self._detached is not None:
+            waiting = GaugeMetricFamily("wsgate_sessions_detached", "Sessions waiting to be resumed.")
+            waiting.add_metric([], sum(1 for _ in self._detached.detached_hosts()))
+            yield waiting
+            kept = GaugeMetricFamily("wsgate_session_log_bytes", "Bytes detached sessions keep to replay.")
+            kept.add_metric([], self._detached.log_bytes())
+            yield kept
         for prefix, family in FAMILIES.items():
             yield _family(family.metric, family.doc, family.label, stats, prefix + ".")
         for key, (metric, doc) in PLAIN.items():

@@ -56,7 +56,16 @@ class RunCancel:
     run_id: str
 
 
-ClientMessage = Auth | AuthRefresh | Ping | UserMessage | RunCancel
+@attrs.frozen
+class SessionResume:
+    """Pick up a detached session where the client left it: every message after ``last_seq``."""
+
+    session_id: str
+    resume_token: str = attrs.field(repr=False)
+    last_seq: int
+
+
+ClientMessage = Auth | AuthRefresh | Ping | UserMessage | RunCancel | SessionResume
 
 
 def _depth_ok(text: str, value: Any, limit: int) -> bool:
@@ -158,6 +167,13 @@ def parse_client_message(text: str | bytes, *, max_depth: int = 16) -> ClientMes
         return AuthRefresh(token=_field(obj, "token"))
     if kind == "auth":
         return Auth(token=_field(obj, "token"))
+    if kind == "session.resume":
+        last_seq = obj.get("last_seq")
+        if type(last_seq) is not int or not 0 <= last_seq < 2**53:
+            raise ProtocolError("field 'last_seq' must be a whole number, 0 or more")
+        return SessionResume(
+            _field(obj, "session_id", limit=MAX_ID_LENGTH), _field(obj, "resume_token", limit=128), last_seq
+        )
     raise ProtocolError(f"unknown message type '{kind[:MAX_ID_LENGTH]}'", code="unknown_type")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from .errors import TooManyRequests, Unavailable
 
@@ -30,6 +30,25 @@ class TokenBucket:
     def retry_after(self) -> float:
         """Seconds until a token will be there."""
         return max(0.0, (1.0 - self._tokens) / self._rate)
+
+
+class SlidingWindow:
+    """At most ``limit`` events in any ``window`` seconds (made on first use: most never are)."""
+
+    __slots__ = ("_limit", "_times", "_window")
+
+    def __init__(self, limit: int, window: float) -> None:
+        self._limit = limit
+        self._window = window
+        self._times: deque[float] = deque()
+
+    def take(self, now: float) -> bool:
+        """Count one event at ``now``; False when that makes more than ``limit``."""
+        times = self._times
+        while times and times[0] <= now - self._window:
+            times.popleft()
+        times.append(now)
+        return len(times) <= self._limit
 
 
 class RateLimiter:

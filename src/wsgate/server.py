@@ -149,7 +149,7 @@ class Gateway:
         # Session ids are not secrets (the client is told its own); seeded, they are reproducible.
         new_id = new_session_id if rng is None else lambda: f"s-{self._rng.getrandbits(48):012x}"
         self.sessions = Sessions(
-            settings, self.agent, self.auth, self.registry, self.clock, self.stats, new_id=new_id
+            settings, self.agent, self.auth, self.registry, self.clock, self.stats, nursery, new_id=new_id
         )
         self.connections = ConnectionServer(self, raw_app=raw_app)
         self.metrics.watch(
@@ -159,6 +159,7 @@ class Gateway:
             breaker=self.breaker,
             upstream=self.upstream,
             broker=self.broker if isinstance(self.broker, RedisBroker) else None,
+            detached=self.sessions,
         )
 
     def _discovered(self, introspection_url: str | None, token_url: str | None) -> None:
@@ -328,18 +329,17 @@ class Gateway:
 
     def _apply(self, revocation: Revocation) -> int:
         if revocation.kind == "subject":
-            key = (revocation.tenant, revocation.name)
-            self.auth.revocations.revoke_subject(key, revocation.at)
-            affected = [
-                s
-                for s in self.registry.sessions_of(key)
-                if s.identity.issued_at is None or s.identity.issued_at <= revocation.at
-            ]
+            self.auth.revocations.revoke_subject((revocation.tenant, revocation.name), revocation.at)
+            candidates = self.registry.sessions_of((revocation.tenant, revocation.name))
         else:
             self.auth.revocations.revoke_token(revocation.name, revocation.at)
-            affected = [s for s in self.registry.all_sessions() if s.identity.token_id == revocation.name]
+            candidates = list(self.registry.all_sessions())
+        affected = [s for s in candidates if revocation.covers(s.identity)]
         for session in affected:
             session.revoke()
+        # Detached sessions end too: their runs stop, and they cannot be resumed.
+        for host in [h for h in self.sessions.detached_hosts() if revocation.covers(h.core.identity)]:
+            host.revoke()
         self.stats["revoked"] += len(affected)
         return len(affected)
 

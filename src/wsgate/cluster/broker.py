@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol
 import attrs
 import trio
 
+from ..auth.tokens import Identity
 from ..registry import UserKey
 
 log = logging.getLogger("wsgate.broker")
@@ -53,6 +54,14 @@ class Revocation:
         if kind not in ("jti", "subject"):
             raise ValueError(f"not a revocation: {kind!r}")
         return cls(kind, str(fields["name"]), float(fields["at"]), fields.get("tenant"))
+
+    def covers(self, identity: Identity) -> bool:
+        """Whether a session of ``identity`` ends by this revocation."""
+        if self.kind == "jti":
+            return identity.token_id == self.name
+        if identity.user_key != (self.tenant, self.name):
+            return False
+        return identity.issued_at is None or identity.issued_at <= self.at
 
     @property
     def key(self) -> str:

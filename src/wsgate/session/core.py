@@ -8,18 +8,25 @@ time, and each returns the effects for the Trio shell
 or cancel, a refresh to verify, a ping to send, a re-check to make, or the
 session's close.
 
-A session ends one way: :meth:`SessionCore.end` records the first
-:class:`Close` and returns it; after that the core takes no event but the ones
-of runs still winding down. Whether queued messages are still flushed before
-the close frame is part of the close (``flush``): not when the socket is gone
-or stuck.
+A connection ends one way: :meth:`SessionCore.end` records the first
+:class:`Close` and returns it; after that the core takes no event of that
+connection. Whether queued messages are still flushed before the close frame
+is part of the close (``flush``): not when the socket is gone or stuck. A close
+that is not final (``detach``: the connection dropped, timed out, was drained
+or moved) leaves the session detached: its runs go on, and what they send is
+numbered and logged for the client that resumes it (:meth:`resume`). A final
+close, or one while detached, ends the session.
 
-The core never holds the socket, so the same object can outlive one connection.
+Every message but ``session.ready`` and ``session.resumed`` is numbered
+(``seq``, per session, across its connections) as it is queued, and kept in the
+session's log, bounded by ``resume.max_events`` and ``resume.max_bytes``.
+
+The core never holds the socket, so the same object outlives its connections.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -32,24 +39,28 @@ from ..protocol import (
     Ping,
     ProtocolError,
     RunCancel,
+    SessionResume,
     UserMessage,
     numbered,
     parse_client_message,
 )
-from ..ratelimit import TokenBucket
+from ..ratelimit import SlidingWindow, TokenBucket
 from .effects import (
     RECHECK,
+    SLOW_CONSUMER,
     START_PING,
     CancelRun,
     Close,
     Effect,
     Refresh,
+    Resume,
     Rules,
     Send,
     StartRun,
     State,
 )
 from .lifecycle import Action, TokenLifecycle
+from .log import MessageLog, ResumeKey
 from .messages import (
     RESERVED_FIELDS,
     AgentEvent,
@@ -59,6 +70,7 @@ from .messages import (
     Error,
     Ready,
     Restored,
+    Resumed,
     ServerMessage,
     encode_message,
     encode_pong,
@@ -79,20 +91,22 @@ class SessionCore:
 
     __slots__ = (
         "_dropped",
+        "_fresh",
         "_last_run",
         "_message_rate",
         "_ping_at",
         "_protocol_errors",
         "_reconnect_after",
-        "_refresh_times",
+        "_refreshes",
+        "_resume_key",
         "_rules",
         "_runs",
-        "_seq",
         "closing",
         "degraded",
         "id",
         "identity",
         "lifecycle",
+        "log",
         "state",
         "stats",
         "token",
@@ -121,79 +135,95 @@ class SessionCore:
         self._message_rate = TokenBucket(rules.message_rate, rules.message_burst, now)
         # When the next ping is due; None: no heartbeat, or a ping in flight.
         self._ping_at: float | None = now + rules.heartbeat_interval if rules.heartbeat_interval > 0 else None
-        self._refresh_times: deque[float] | None = None  # made on the first refresh: most never do
+        self._refreshes: SlidingWindow | None = None  # made on the first refresh: most never do
         self._protocol_errors = 0
         self._dropped = 0
         self._reconnect_after = 0.0
         self._runs: dict[str, _Run] = {}
         self._last_run = 0
-        self._seq = 0
+        #: The last messages numbered, to replay on resume.
+        self.log = MessageLog(rules.log_events if rules.resume_window > 0 else 0, rules.log_bytes)
+        self._resume_key = ResumeKey()
+        self._fresh = True  # nothing numbered nor received yet: session.resume may come
 
     # -- ending ------------------------------------------------------------------
 
-    def end(self, code: CloseCode, reason: str, *, flush: bool = True) -> Close | None:
-        """The one way a session ends: the first close decided wins; None after that."""
+    def end(self, code: CloseCode, reason: str, *, flush: bool = True, detach: bool = False) -> Close | None:
+        """The one way a connection ends: the first close decided wins; None after that.
+        ``detach``: the session outlives the connection (where resuming is on). A final close
+        of a detached session ends it (the returned close has no connection to go to)."""
+        detach = detach and self._rules.resume_window > 0
+        if self.state is State.CLOSED or (detach and self.state is State.DETACHED):
+            return None
+        if self.state is State.DETACHED:
+            self.state = State.CLOSED
+            return Close(code, reason, flush=False, detach=False)
         if self.closing is not None:
             return None
-        self.state = State.CLOSED
-        self.closing = Close(code, reason, flush)
-        if self.token is not None:
-            self.token = None  # nothing re-checks a closing session
+        self.state = State.DETACHED if detach else State.CLOSED
+        self.closing = Close(code, reason, flush, detach)
+        self.token = None  # nothing re-checks a closing session, nor a detached one
         return self.closing
 
-    def socket_closed(self, *, dropped: bool) -> Close | None:
-        """The client closed (1000), or its connection dropped with no close frame (1006)."""
-        if dropped:
-            return self.end(CloseCode.ABNORMAL_CLOSURE, "connection dropped (no close frame)", flush=False)
-        return self.end(CloseCode.NORMAL, "client closed", flush=False)
+    @property
+    def resume_window(self) -> float:
+        return self._rules.resume_window
 
-    def idle(self) -> Close | None:
-        return self.end(CloseCode.NORMAL, "idle timeout")
-
-    def slow_consumer(self, *, stuck: bool = False) -> Close | None:
-        """The queue stayed full for ``slow_consumer_timeout``, or (``stuck``) a write did not
-        finish within it: 1008. A stuck stream takes no more writes."""
-        if not stuck:
+    def close(self, close: Close) -> Close | None:
+        """End the connection one of the ways of :mod:`.effects` (``DROPPED``, ``IDLE``, ...)."""
+        if close is SLOW_CONSUMER and self.closing is None:
             self.stats["send.slow_consumer_closed"] += 1
-        return self.end(CloseCode.POLICY_VIOLATION, "slow consumer", flush=not stuck)
-
-    def ping_timeout(self) -> Close | None:
-        return self.end(CloseCode.GOING_AWAY, "ping timeout", flush=False)
-
-    def revoked(self) -> Close | None:
-        return self.end(CloseCode.FORBIDDEN, "token revoked")
-
-    def failed(self) -> Close | None:
-        """A bug in the gateway: 1011, and nothing more is written."""
-        return self.end(CloseCode.INTERNAL_ERROR, "internal error", flush=False)
+        return self.end(close.code, close.reason, flush=close.flush, detach=close.detach)
 
     # -- messages ----------------------------------------------------------------
 
-    def ready(self) -> str:
-        identity = self.identity
-        return encode_message(
-            Ready(
-                self.id,
-                identity.subject,
-                identity.tenant,
-                sorted(identity.scopes),
-                identity.expires_at,
-                self.degraded,
-                identity.anonymous,
-            )
-        )
+    def ready(self, resume_token: str | None) -> str:
+        """``session.ready`` (not numbered), giving the client the token to resume with."""
+        token = self._new_resume_token(resume_token)
+        return encode_message(Ready.of(self.id, self.identity, self.degraded, token))
 
-    def number(self, texts: list[str]) -> list[str]:
-        """Give each message its ``seq`` as it is written: gaps never appear on the wire."""
-        seq = self._seq
-        frames = [numbered(text, seq := seq + 1) for text in texts]
-        self._seq = seq
-        return frames
+    def _new_resume_token(self, token: str | None) -> str | None:
+        return self._resume_key.issue(token) if self._rules.resume_window > 0 else None
+
+    def number(self, text: str) -> str:
+        """Give a message its ``seq`` as it is queued, and keep it for a resume: the one place
+        messages are numbered, so a gap never appears on the wire nor in the log."""
+        self._fresh = False
+        frame = numbered(text, self.log.last + 1)
+        self.log.append(frame)
+        return frame
 
     @property
     def seq(self) -> int:
-        """The number of the last message written."""
-        return self._seq
+        """The number of the last message numbered."""
+        return self.log.last
+
+    # -- resuming -----------------------------------------------------------------------
+
+    @property
+    def resume_key(self) -> ResumeKey:
+        return self._resume_key
+
+    def resume(self, admission: Admission, now: float, wall: float) -> None:
+        """The session is served by a new connection, admitted with ``admission`` (the same
+        user's). Its runs go on; limits and the token lifecycle continue from the new token."""
+        if self.state is State.CLOSED:
+            raise ValueError("the session has ended")
+        identity = admission.identity
+        self.state = State.OPEN
+        self.closing = None
+        self.identity = identity
+        self.degraded = admission.degraded
+        self.token = admission.token
+        self.lifecycle.on_refresh(identity.expires_at, identity.issued_at, wall)
+        self._ping_at = now + self._rules.heartbeat_interval if self._rules.heartbeat_interval > 0 else None
+        self._protocol_errors = 0
+        self._dropped = 0
+
+    def resumed(self, resume_token: str | None, reason: str | None = None) -> str:
+        """``session.resumed`` (not numbered): recovered unless ``reason``; with a new token."""
+        token = self._new_resume_token(resume_token)
+        return encode_message(Resumed(self.id, reason is None, token, reason))
 
     # -- client messages ---------------------------------------------------------
 
@@ -201,6 +231,7 @@ class SessionCore:
         """One client frame. At most one effect; a close ends the reading."""
         if self.closing is not None:
             return None
+        fresh, self._fresh = self._fresh, False
         if not self._message_rate.take(now):
             return self.end(CloseCode.RATE_LIMITED, "message rate exceeded")
         try:
@@ -219,23 +250,22 @@ class SessionCore:
                 return self._error("unknown_run", f"no active run '{message.run_id}'")
             return CancelRun(message.run_id)
         if isinstance(message, AuthRefresh):
-            if self._refresh_rate_exceeded(now):
+            if self._refreshes is None:
+                self._refreshes = SlidingWindow(self._rules.refresh_limit, self._rules.refresh_window)
+            if not self._refreshes.take(now):
                 return self.end(CloseCode.RATE_LIMITED, "too many token refreshes")
             return Refresh(message.token)
+        if isinstance(message, SessionResume):
+            if not fresh:
+                return self._error(
+                    "resume_not_first", "session.resume must be the connection's first message"
+                )
+            return Resume(message)
         assert isinstance(message, Auth)
         return self._error("already_authenticated", "this connection is already authenticated")
 
     def _error(self, code: str, reason: str) -> Send:
         return Send(encode_message(Error(code, reason)))
-
-    def _refresh_rate_exceeded(self, now: float) -> bool:
-        times = self._refresh_times
-        if times is None:
-            times = self._refresh_times = deque()
-        while times and times[0] <= now - self._rules.refresh_window:
-            times.popleft()
-        times.append(now)
-        return len(times) > self._rules.refresh_limit
 
     def _start_run(self, message: UserMessage) -> Effect:
         if self.state is State.DRAINING:
@@ -332,8 +362,8 @@ class SessionCore:
         run = self._runs.pop(run_id)
         self.stats[f"run.{status}"] += 1
         effects: list[Effect] = []
-        if self.closing is not None:
-            return effects  # nothing more is sent once the close is decided
+        if self.state is State.CLOSED:
+            return effects  # nothing more is sent once the session has ended
         if not run.completed:
             completed = AgentEvent("agent_completed", run_id, run.message_id, {"status": status})
             effects.append(Send(encode_message(completed)))
@@ -356,7 +386,9 @@ class SessionCore:
 
     def _drained(self) -> Close:
         closing = self.end(
-            CloseCode.GOING_AWAY, f"server draining; reconnect after {self._reconnect_after:.1f} s"
+            CloseCode.GOING_AWAY,
+            f"server draining; reconnect after {self._reconnect_after:.1f} s",
+            detach=True,
         )
         assert closing is not None
         return closing

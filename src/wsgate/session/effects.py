@@ -8,13 +8,16 @@ import attrs
 
 from ..config import Settings
 from ..errors import CloseCode
-from ..protocol import AGENT_EVENTS, UserMessage
+from ..protocol import AGENT_EVENTS, SessionResume, UserMessage
 
 
 class State(enum.Enum):
     OPEN = "open"
     DRAINING = "draining"  # no new runs; closes (1001) once the last run has ended
-    CLOSED = "closed"  # the close is decided; runs still running are being cancelled
+    #: The connection ended without a final close: runs go on, what they send is logged,
+    #: and a client may resume the session within ``resume.window``.
+    DETACHED = "detached"
+    CLOSED = "closed"  # the session has ended; runs still running are being cancelled
 
 
 @attrs.frozen
@@ -33,6 +36,10 @@ class Rules:
     agent_events: frozenset[str] = AGENT_EVENTS
     #: Whether a run's agent is given the client's token (``agent.forward_client_token``).
     share_token: bool = False
+    #: Seconds a detached session waits to be resumed (``resume.window``); 0: never detached.
+    resume_window: float = 0.0
+    log_events: int = 1000
+    log_bytes: int = 1024 * 1024
 
     @classmethod
     def of(cls, settings: Settings) -> Rules:
@@ -47,6 +54,9 @@ class Rules:
             refresh_window=auth.refresh_window,
             agent_events=AGENT_EVENTS | frozenset(settings.agent.passthrough_events),
             share_token=settings.agent.forward_client_token,
+            resume_window=settings.resume.window,
+            log_events=settings.resume.max_events,
+            log_bytes=settings.resume.max_bytes,
         )
 
 
@@ -79,12 +89,40 @@ class Refresh:
 
 
 @attrs.frozen
+class Resume:
+    """The connection's first message asks to resume another session."""
+
+    message: SessionResume
+
+
+@attrs.frozen
 class Close:
-    """The session ends with ``code``. ``flush``: what is queued is still written first."""
+    """The connection ends with ``code``. ``flush``: what is queued is still written first.
+    ``detach``: the session outlives it (detached), else it ends with it."""
 
     code: CloseCode
     reason: str
     flush: bool = True
+    detach: bool = False
+
+
+# -- the ways a connection ends that are not a client's message --------------------
+# ``detach``: the session outlives the connection (where resuming is on); else it ends too.
+
+CLIENT_CLOSED = Close(CloseCode.NORMAL, "client closed", flush=False)
+DROPPED = Close(CloseCode.ABNORMAL_CLOSURE, "connection dropped (no close frame)", flush=False, detach=True)
+IDLE = Close(CloseCode.NORMAL, "idle timeout")
+SLOW_CONSUMER = Close(CloseCode.POLICY_VIOLATION, "slow consumer", detach=True)
+#: A write did not finish within ``slow_consumer_timeout``: the stream takes no more writes.
+WRITE_STUCK = Close(CloseCode.POLICY_VIOLATION, "slow consumer", flush=False, detach=True)
+PING_TIMEOUT = Close(CloseCode.GOING_AWAY, "ping timeout", flush=False, detach=True)
+#: The session is resumed on another connection: this one closes.
+MOVED = Close(CloseCode.SESSION_MOVED, "session resumed on another connection", flush=False, detach=True)
+#: Detached for ``resume.window`` without being resumed: the session ends.
+WINDOW_PASSED = Close(CloseCode.GOING_AWAY, "not resumed within resume.window")
+REVOKED = Close(CloseCode.FORBIDDEN, "token revoked")
+#: A bug in the gateway: 1011, and nothing more is written.
+FAILED = Close(CloseCode.INTERNAL_ERROR, "internal error", flush=False)
 
 
 class _Signal(enum.Enum):
@@ -95,4 +133,4 @@ class _Signal(enum.Enum):
 START_PING = _Signal.START_PING
 RECHECK = _Signal.RECHECK
 
-Effect = Send | StartRun | CancelRun | Refresh | Close | _Signal
+Effect = Send | StartRun | CancelRun | Refresh | Resume | Close | _Signal

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import attrs
 
+from ..auth.tokens import Identity
 from ..protocol import PROTOCOL_VERSION, encode
 
 
@@ -45,6 +46,33 @@ class Ready(ServerMessage):
     degraded: bool
     anonymous: bool
     protocol: str = PROTOCOL_VERSION
+    #: Present the session with ``session.resume`` after a dropped connection (None: resuming is off).
+    resume_token: str | None = None
+
+    @classmethod
+    def of(cls, session_id: str, identity: Identity, degraded: bool, resume_token: str | None) -> Ready:
+        return cls(
+            session_id,
+            identity.subject,
+            identity.tenant,
+            sorted(identity.scopes),
+            identity.expires_at,
+            degraded,
+            identity.anonymous,
+            resume_token=resume_token,
+        )
+
+
+@attrs.frozen
+class Resumed(ServerMessage):
+    """The answer to ``session.resume``: the session picked up (every message after
+    ``last_seq`` follows), or not (``reason``) and the connection goes on with its fresh one."""
+
+    TYPE: ClassVar[str] = "session.resumed"
+    session_id: str
+    recovered: bool
+    resume_token: str | None
+    reason: str | None = None
 
 
 @attrs.frozen

@@ -1,7 +1,7 @@
 """A connection's outbound queue, bounded in messages and in bytes.
 
-Messages are queued already encoded (compact JSON objects); the writer adds
-the per-connection ``seq`` as it writes, so nothing is encoded twice.
+Messages are queued encoded and numbered (compact JSON objects, each with
+its ``seq``), so nothing is encoded twice.
 
 Every connection has one, idle or not, so it is kept small: a list with a
 read position instead of a deque, and the one waiting writer parked in a
@@ -46,6 +46,21 @@ class OutboundQueue:
     @property
     def full(self) -> bool:
         return len(self) >= self._max_messages or self._bytes >= self._max_bytes
+
+    @property
+    def has_room(self) -> bool:
+        return not self._closed and not self.full
+
+    def put_raw(self, texts: list[str]) -> None:
+        """Queue ``texts`` whatever the bounds (what opens a connection, a resume's replay:
+        bounded by the session's log); never blocks."""
+        if self._closed or not texts:
+            return
+        self._items.extend(texts)
+        self._bytes += sum(map(len, texts))
+        self._waiter.unpark_all()
+        if self._not_full is None and self.full:
+            self._not_full = trio.Event()
 
     def put_nowait(self, text: str) -> bool:
         """Queue ``text`` unless the queue is full (or closed); never blocks."""

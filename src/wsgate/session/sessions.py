@@ -1,16 +1,18 @@
 """Where sessions come from, and what they use of the gateway: :class:`Sessions`.
 
 It makes each connection's :class:`Session` (a :class:`SessionCore` of the
-admitted identity, on its socket), and serves what a session asks: the wall
-clock, the one auth path for refreshes, and re-checks with the auth service,
-including the loop that re-checks degraded sessions when the breaker changes.
+admitted identity, hosted by a :class:`SessionHost`, on its socket), keeps every
+session that lives (served or detached) to resume, and serves what a session
+asks: the wall clock, the one auth path for refreshes, resumes, and re-checks
+with the auth service, including the loop that re-checks degraded sessions when
+the breaker changes.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 
 import trio
 from trio_websocket import WebSocketConnection
@@ -22,13 +24,19 @@ from ..auth.tokens import TokenSource
 from ..breaker_actor import BreakerActor
 from ..clock import WallClock
 from ..config import Settings
-from ..errors import GatewayError
+from ..errors import CloseCode, GatewayError
 from ..handshake import Admission
-from ..registry import Registry
+from ..protocol import SessionResume
+from ..registry import Registry, UserKey
 from .core import SessionCore
-from .effects import Rules
+from .effects import Rules, State
+from .host import Resumption, SessionHost
 from .lifecycle import LifecycleConfig, TokenLifecycle
+from .log import resume_hash
 from .shell import Session
+
+#: How many sessions that expired unresumed are remembered (for ``recovered: false, expired``).
+EXPIRED_KEPT = 10_000
 
 
 def new_session_id() -> str:
@@ -46,10 +54,15 @@ class Sessions:
         registry: Registry,
         clock: WallClock,
         stats: Counter[str],
+        nursery: trio.Nursery,
         *,
         new_id: Callable[[], str] = new_session_id,
     ) -> None:
         self._settings = settings
+        self._nursery = nursery  # where runs live: they may outlive their connection
+        self._hosts: dict[str, SessionHost] = {}  # every session alive, served or detached
+        # Sessions that expired unresumed, for a while: (resume token's hash, user), by id.
+        self._expired: OrderedDict[str, tuple[bytes, UserKey]] = OrderedDict()
         self._agent = agent
         self._auth = auth
         self._registry = registry
@@ -87,7 +100,74 @@ class Sessions:
         core = SessionCore(
             self._new_id(), admission, lifecycle, self._rules, now=trio.current_time(), stats=self._stats
         )
-        return Session(core, ws, self._agent, self._settings.server, self)
+        host = self._hosts[core.id] = SessionHost(core, self._agent, self._nursery, self)
+        return Session(host, ws, admission, self._settings.server, self)
+
+    def detached_hosts(self) -> Iterator[SessionHost]:
+        """The sessions waiting for their client to resume them."""
+        return (host for host in self._hosts.values() if host.core.state is State.DETACHED)
+
+    def log_bytes(self) -> int:
+        """What the detached sessions keep to replay."""
+        return sum(host.core.log.bytes for host in self.detached_hosts())
+
+    # -- resuming --------------------------------------------------------------------
+
+    def resume_token(self) -> str | None:
+        return secrets.token_urlsafe(24) if self._rules.resume_window > 0 else None
+
+    async def resume(self, session: Session, message: SessionResume) -> Resumption:
+        """Serve the session ``message`` names on ``session``'s connection, if it is the same
+        user's, the token is its current one, and its log reaches back to ``last_seq``.
+        Anything else is ``unknown`` (whether such a session exists is not told)."""
+        user = session.identity.user_key
+        host = self._hosts.get(message.session_id)
+        if host is None or host is session.host:
+            return self._refused(message, user)
+        core = host.core
+        if (
+            core.state is State.CLOSED
+            or core.identity.user_key != user
+            or not core.resume_key.matches(message.resume_token)
+        ):
+            return self._refused(message, user)
+        replay = core.log.after(message.last_seq)
+        if replay is None:
+            self._stats["session.resume_gap"] += 1
+            return Resumption(None, reason="gap")
+        # From here to the replay being queued, nothing is awaited: what the session numbers
+        # next goes after it.
+        fresh = session.host
+        host.attach(session)
+        fresh.end(fresh.core.end(CloseCode.NORMAL, "replaced by a resumed session"))
+        self._stats["session.resumed"] += 1
+        self._stats["replayed"] += len(replay)
+        return Resumption(host, replay)
+
+    def _refused(self, message: SessionResume, user: UserKey) -> Resumption:
+        expired = self._expired.get(message.session_id)
+        if expired is not None and expired[1] == user and expired[0] == resume_hash(message.resume_token):
+            self._stats["session.resume_expired"] += 1
+            return Resumption(None, reason="expired")
+        self._stats["session.resume_refused"] += 1
+        return Resumption(None, reason="unknown")
+
+    # -- what hosts tell ---------------------------------------------------------------
+
+    def detached(self, host: SessionHost) -> None:
+        self._stats["session.detached"] += 1
+
+    def logged(self, host: SessionHost, frame: str) -> None:
+        pass
+
+    def ended(self, host: SessionHost, *, expired: bool) -> None:
+        if self._hosts.get(host.id) is host:
+            del self._hosts[host.id]
+        if expired:
+            self._stats["session.expired"] += 1
+            self._expired[host.id] = (host.core.resume_key.digest, host.core.identity.user_key)
+            while len(self._expired) > EXPIRED_KEPT:
+                self._expired.popitem(last=False)
 
     # -- what sessions use ---------------------------------------------------------
 

@@ -1,18 +1,21 @@
 """A session on its connection: the Trio shell that feeds :class:`SessionCore` and acts.
 
 One nursery per connection. Its body is the reader; beside it run the writer
-(what is queued goes out in batches, numbered by the core as it is written)
-and the watchdog (asleep until the core's next timer). Runs, refreshes, pings
-and re-checks are short tasks in the same nursery. The shell decides nothing:
-every event goes to the core, and the shell carries out what comes back.
+(what is queued goes out in batches; the core numbered each message as it was
+queued) and the watchdog (asleep until the core's next timer). Refreshes, pings
+and re-checks are short tasks in the same nursery; runs are the session's
+:class:`~wsgate.session.host.SessionHost`'s, which outlives the connection. The
+shell decides nothing: events go to the core, the shell carries out its answer.
 
 When the core decides the close, :meth:`Session._stop` ends the tasks, the one
 way: with nothing but the reader, writer and watchdog left, the reader's scope
 is cancelled, the writer stops once the queue is written and the watchdog is
-woken; with a run, refresh, ping or re-check in flight, the nursery is
-cancelled. Then what is queued is flushed within ``close_timeout`` (unless the
-close says not to, or the socket is gone) and the WebSocket is closed with the
-core's code.
+woken; with a refresh, ping or re-check in flight, the nursery is cancelled.
+Then what is queued is flushed within ``close_timeout`` (unless the close says
+not to, or the socket is gone) and the WebSocket is closed with the core's code.
+
+After ``session.resume`` the connection serves the resumed session, whose log
+after ``last_seq`` is queued ahead of anything new.
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ from typing import Any, Protocol
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from ..agent import Agent, RunContext
 from ..auth.tokens import Identity
 from ..config import ServerSettings
 from ..errors import CloseCode, GatewayError
 from ..handshake import Admission
-from ..protocol import UserMessage
+from ..protocol import SessionResume
 from ..wsconn import send_texts
+from . import effects
 from .core import SessionCore
-from .effects import RECHECK, START_PING, CancelRun, Close, Effect, Refresh, Send, StartRun
+from .effects import RECHECK, START_PING, CancelRun, Close, Effect, Refresh, Resume, Send, StartRun
+from .host import Resumption, SessionHost
 from .messages import ServerMessage
 from .outbound import OutboundQueue
 
@@ -54,9 +58,9 @@ class SessionServices(Protocol):
 
     async def recheck(self, session: Session) -> None: ...
 
+    def resume_token(self) -> str | None: ...
 
-def _dropped(closed: ConnectionClosed) -> bool:
-    return closed.reason is not None and closed.reason.code == CloseCode.ABNORMAL_CLOSURE
+    async def resume(self, session: Session, message: SessionResume) -> Resumption: ...
 
 
 class Session:
@@ -64,33 +68,36 @@ class Session:
 
     # Slots, not a __dict__: an idle connection's footprint is mostly objects like this one.
     __slots__ = (
-        "_agent",
+        "_admission",
+        "_closed",
         "_helpers",
         "_nursery",
         "_outbound",
         "_reading",
         "_refresh_lock",
-        "_scopes",
         "_services",
         "_settings",
         "_stopping",
         "_wake",
         "_writable",
-        "core",
+        "host",
         "ws",
     )
 
     def __init__(
         self,
-        core: SessionCore,
+        host: SessionHost,
         ws: WebSocketConnection,
-        agent: Agent,
+        admission: Admission,
         settings: ServerSettings,
         services: SessionServices,
     ) -> None:
-        self.core = core
+        #: The session this connection serves (another one's, once resumed).
+        self.host = host
+        host.attached = self
         self.ws = ws
-        self._agent = agent
+        self._admission = admission  # what admitted this connection: a resumed session takes it on
+        self._closed: Close | None = None  # this connection's close, once decided
         self._settings = settings
         self._services = services
         self._outbound = OutboundQueue(settings.send_queue_messages, settings.send_queue_bytes)
@@ -99,15 +106,23 @@ class Session:
         self._wake: trio.CancelScope | None = None  # the watchdog's sleep, moved as timers change
         self._stopping = trio.Event()  # set to end the watchdog without a Cancelled
         self._refresh_lock: trio.StrictFIFOLock | None = None  # made on the first refresh
-        self._scopes: dict[str, trio.CancelScope] = {}  # each run's
-        self._helpers = 0  # runs, refreshes, pings and re-checks in flight
+        self._helpers = 0  # refreshes, pings and re-checks in flight
         self._writable = True  # False once the socket is gone or a write got stuck
 
     # -- what the gateway reads and calls ------------------------------------------
 
     @property
+    def core(self) -> SessionCore:
+        return self.host.core
+
+    @property
+    def admission(self) -> Admission:
+        """What admitted this connection (a session it resumes takes this identity on)."""
+        return self._admission
+
+    @property
     def id(self) -> str:
-        return self.core.id
+        return self.host.core.id
 
     @property
     def identity(self) -> Identity:
@@ -124,19 +139,19 @@ class Session:
 
     @property
     def close_code(self) -> CloseCode | None:
-        return None if self.core.closing is None else self.core.closing.code
+        return None if self._closed is None else self._closed.code
 
     @property
     def close_reason(self) -> str:
-        return "" if self.core.closing is None else self.core.closing.reason
-
-    def close(self, code: CloseCode, reason: str) -> None:
-        """End the session with ``code``; the first close decided wins."""
-        self._act(self.core.end(code, reason))
+        return "" if self._closed is None else self._closed.reason
 
     def revoke(self) -> None:
         """Close this session because its token or subject was revoked (4403)."""
-        self._act(self.core.revoked())
+        self.act(self.core.close(effects.REVOKED))
+
+    def moved(self) -> None:
+        """The session is served by a newer connection: this one closes (4409)."""
+        self.act(self.core.close(effects.MOVED))
 
     def restored(self) -> None:
         """The auth service holds the token active again: no longer degraded."""
@@ -157,32 +172,41 @@ class Session:
             if isinstance(effect, Send):
                 self._offer(effect.text)
             elif isinstance(effect, Close):
-                self._act(effect)
+                self.act(effect)
 
     def cancel_runs(self) -> None:
         """Cancel every run (each still ends with its terminal event)."""
-        for scope in self._scopes.values():
-            scope.cancel()
+        self.host.cancel_runs()
 
     async def run(self) -> None:
         """Serve until closed. Never raises except Cancelled; a bug closes with 1011."""
         try:
-            if self.core.closing is None:
+            if self._closed is None:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._writer, name="wsgate.session.writer")
-                    await self._queue(self.core.ready())
+                    self._outbound.put_raw([self.core.ready(self._services.resume_token())])
                     nursery.start_soon(self._watchdog, name="wsgate.session.watchdog")
                     await self._reader()  # the nursery's own body: one task fewer per connection
         except Exception:
             log.exception("session failed", extra={"session": self.id, "event": "session.error"})
-            self.core.failed()
+            self.act(self.core.close(effects.FAILED))
         await self._finish()
 
     # -- acting on the core's effects ----------------------------------------------
 
-    def _act(self, closing: Close | None) -> None:
-        if closing is not None and self._nursery is not None:
+    def act(self, closing: Close | None) -> None:
+        """The core decided this connection's close: the session detaches or ends with it."""
+        if closing is None or self._closed is not None:
+            return
+        self._closed = closing
+        host = self.host
+        if host.attached is self:
+            if closing.detach:
+                host.detach()
+            else:
+                host.end(closing)
+        if self._nursery is not None:
             self._stop()
 
     def _stop(self) -> None:
@@ -197,20 +221,30 @@ class Session:
 
     async def _do(self, effect: Effect) -> None:
         if isinstance(effect, Send):
-            await self._queue(effect.text)
+            await self.queue(effect.text)
         elif isinstance(effect, StartRun):
-            scope = self._scopes[effect.run_id] = trio.CancelScope()
-            self._spawn(self._run_agent, effect.run_id, effect.message, scope, name="wsgate.session.run")
+            self.host.start_run(effect.run_id, effect.message)
         elif isinstance(effect, CancelRun):
-            self._scopes[effect.run_id].cancel()
+            self.host.cancel_run(effect.run_id)
         elif isinstance(effect, Refresh):
             self._spawn(self._refresh, effect.token, name="wsgate.session.refresh")
+        elif isinstance(effect, Resume):
+            await self._resume(effect.message)
         elif isinstance(effect, Close):
-            self._act(effect)
+            self.act(effect)
         elif effect is START_PING:
             self._spawn(self._heartbeat, name="wsgate.session.heartbeat")
         elif effect is RECHECK:
             self._spawn(self._services.recheck, self, name="wsgate.session.recheck")
+
+    async def _resume(self, message: SessionResume) -> None:
+        """``session.resume``: serve the session it names from now on, or say why not."""
+        found = await self._services.resume(self, message)
+        # found.host (if any) took this connection on with nothing awaited since: what it
+        # numbers from now on comes after its replay, which goes ahead of everything new.
+        answer = self.core.resumed(self._services.resume_token(), found.reason)
+        self._outbound.put_raw([answer, *found.replay])
+        self._rearm()
 
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any, name: str) -> None:
         assert self._nursery is not None
@@ -230,18 +264,31 @@ class Session:
 
     # -- the outbound queue ----------------------------------------------------------
 
-    async def _queue(self, text: str) -> None:
+    def _put(self, text: str) -> bool:
+        """Queue ``text`` if there is room, numbered as it goes in."""
+        outbound = self._outbound
+        if not outbound.has_room:
+            return False
+        outbound.put_nowait(self.core.number(text))
+        return True
+
+    async def queue(self, text: str) -> bool:
         """Queue one message; waits only while the queue is full (the only checkpoint), and a
-        consumer that keeps it full for ``slow_consumer_timeout`` is closed (1008)."""
-        if self._outbound.put_nowait(text):
-            return
-        with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
-            await self._outbound.put(text)
-        if waited.cancelled_caught:
-            self._act(self.core.slow_consumer())
+        consumer that keeps it full for ``slow_consumer_timeout`` is closed (1008). False when
+        it was not queued: the connection is closing."""
+        if self._put(text):
+            return True
+        with trio.move_on_after(self._settings.slow_consumer_timeout):
+            while self._closed is None:
+                if self._put(text):
+                    return True
+                await self._outbound.wait_not_full()
+            return False
+        self.act(self.core.close(effects.SLOW_CONSUMER))
+        return False
 
     def _offer(self, text: str) -> bool:
-        if self._outbound.put_nowait(text):
+        if self._put(text):
             return True
         if self.core.push_dropped() and self._nursery is not None:
             self._nursery.start_soon(self._watch_overflow)
@@ -251,7 +298,7 @@ class Session:
         with trio.move_on_after(self._settings.slow_consumer_timeout) as waited:
             await self._outbound.wait_not_full()
         if waited.cancelled_caught:
-            self._act(self.core.slow_consumer())
+            self.act(self.core.close(effects.SLOW_CONSUMER))
         else:
             await self._do(self.core.caught_up())
 
@@ -265,8 +312,7 @@ class Session:
             if not await self._write(texts):
                 return
 
-    async def _write(self, texts: list[str]) -> bool:
-        frames = self.core.number(texts)
+    async def _write(self, frames: list[str]) -> bool:
         # A message taken from the queue is written whole even while the session is
         # being cancelled (a frame cut in half would corrupt the stream), within a bound.
         # The deadline is given at construction: set on an entered scope, it costs a second
@@ -280,19 +326,19 @@ class Session:
                 return False
         if scope.cancelled_caught:
             self._writable = False
-            self._act(self.core.slow_consumer(stuck=True))
+            self.act(self.core.close(effects.WRITE_STUCK))
             return False
         return True
 
     def _socket_gone(self, closed: ConnectionClosed) -> None:
         self._writable = False
-        self._act(self.core.socket_closed(dropped=_dropped(closed)))
+        dropped = closed.reason is not None and closed.reason.code == CloseCode.ABNORMAL_CLOSURE
+        self.act(self.core.close(effects.DROPPED if dropped else effects.CLIENT_CLOSED))
 
     async def _reader(self) -> None:
         idle = self._settings.idle_timeout
-        core = self.core
         with self._reading:
-            while core.closing is None:
+            while self._closed is None:
                 if idle:
                     self._reading.deadline = trio.current_time() + idle
                 try:
@@ -302,22 +348,23 @@ class Session:
                     return
                 if idle:
                     self._reading.deadline = math.inf  # idle is waiting for a message, not handling one
-                effect = core.receive(raw, trio.current_time())
+                effect = self.core.receive(raw, trio.current_time())
                 if effect is not None:
                     await self._do(effect)
                 del raw, effect  # they may carry a token: not kept while waiting for the next message
-        if self._reading.cancelled_caught:
-            self._act(core.idle())  # None when the close was decided first
+        if self._reading.cancelled_caught and self._closed is None:
+            self.act(self.core.close(effects.IDLE))
 
     async def _watchdog(self) -> None:
         """Asleep until the core's next timer (moved by refreshes and pongs), then acts on it."""
-        core, services = self.core, self._services
-        while core.closing is None:
-            self._wake = trio.CancelScope(deadline=core.next_wake(services.trio_time))
+        services = self._services
+        while self._closed is None:
+            self._wake = trio.CancelScope(deadline=self.core.next_wake(services.trio_time))
             with self._wake:
                 await self._stopping.wait()
-            for effect in core.timer(trio.current_time(), services.wall_now()):
-                await self._do(effect)
+            if self._closed is None:
+                for effect in self.core.timer(trio.current_time(), services.wall_now()):
+                    await self._do(effect)
 
     async def _heartbeat(self) -> None:
         """One ping; no pong within ``heartbeat_timeout`` ends the session (1001)."""
@@ -329,7 +376,7 @@ class Session:
                 return
         if waited.cancelled_caught:
             self._writable = False  # nothing more can usefully be written
-            self._act(self.core.ping_timeout())
+            self.act(self.core.close(effects.PING_TIMEOUT))
             return
         self.core.pong(trio.current_time())
         self._rearm()
@@ -349,31 +396,9 @@ class Session:
             if effect is not None:
                 await self._do(effect)
 
-    async def _run_agent(self, run_id: str, message: UserMessage, scope: trio.CancelScope) -> None:
-        async def emit(event: str, /, **data: Any) -> None:
-            await self._queue(self.core.run_event(run_id, event, data))
-            await trio.lowlevel.checkpoint()  # emit is a checkpoint, like any send in Trio
-
-        core = self.core
-        ctx = RunContext(run_id, core.id, core.identity, message.id, core.degraded, core.token_for_agent)
-        status = "ok"
-        try:
-            with scope:
-                await self._agent.run(ctx, message.text, emit)
-            if scope.cancelled_caught:
-                status = "cancelled"
-        except Exception:
-            # The agent is the application's code: its failure ends its run, not the connection.
-            log.exception("agent run failed", extra={"session": self.id, "run_id": run_id})
-            status = "error"
-        finally:
-            del self._scopes[run_id]
-        for effect in self.core.run_ended(run_id, status):
-            await self._do(effect)
-
     async def _finish(self) -> None:
         """Flush what is queued, then close the socket with the core's code."""
-        closing = self.core.closing or Close(CloseCode.NORMAL, "")
+        closing = self._closed or Close(CloseCode.NORMAL, "")
         with trio.move_on_after(self._settings.close_timeout) as cleanup:
             cleanup.shield = True
             self._outbound.close()
