@@ -82,8 +82,27 @@ def settings_for_tests(**overrides: Any) -> Settings:
 class Client:
     """The client side of one in-memory WebSocket, speaking JSON."""
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: WebSocketConnection, stream: trio.abc.Stream | None = None) -> None:
         self.ws = ws
+        self._stream = stream
+
+    async def drop(self) -> None:
+        """Cut the connection as a network does: no close frame, the stream just ends."""
+        assert self._stream is not None, "a client of GatewayHarness.connect"
+        await trio.aclose_forcefully(self._stream)
+
+    async def resume(self, ready: Mapping[str, Any], last_seq: int) -> dict[str, Any]:
+        """Ask to resume the session of ``ready`` (a ``session.ready`` or ``session.resumed``);
+        the ``session.resumed`` answer."""
+        await self.send_json(
+            {
+                "type": "session.resume",
+                "session_id": ready["session_id"],
+                "resume_token": ready["resume_token"],
+                "last_seq": last_seq,
+            }
+        )
+        return await self.receive_json()
 
     @property
     def subprotocol(self) -> str | None:
@@ -191,7 +210,7 @@ class GatewayHarness:
                         max_message_size=1 << 22,
                     )
                 try:
-                    yield Client(ws)
+                    yield Client(ws, stream)
                 finally:
                     with trio.move_on_after(5) as cleanup:
                         cleanup.shield = True

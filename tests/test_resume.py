@@ -1,0 +1,329 @@
+"""Sessions that outlive their socket: detach, resume, and the races around them (MockClock)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from wsgate.agent import Emit, RunContext
+from wsgate.errors import CloseCode
+from wsgate.testing import Client, GatewayHarness, open_harness, settings_for_tests
+
+TOOL_SECONDS = 10.0
+
+
+class ToolAgent:
+    """A run with a long tool call in the middle, then a streamed answer."""
+
+    async def run(self, ctx: RunContext, text: str, emit: Emit) -> None:
+        await emit("agent_started")
+        await emit("agent_thinking", text="planning")
+        await emit("tool_executing", tool="search", args={"q": text})
+        await trio.sleep(TOOL_SECONDS)
+        await emit("tool_completed", tool="search", result={"hits": 3})
+        for chunk in ("The ", "answer ", "is 42."):
+            await emit("agent_delta", text=chunk)
+            await trio.sleep(0.5)
+        await emit("agent_completed", status="ok", output="The answer is 42.")
+
+
+KINDS = [
+    "agent_started",
+    "agent_thinking",
+    "tool_executing",
+    "tool_completed",
+    "agent_delta",
+    "agent_delta",
+    "agent_delta",
+    "agent_completed",
+]
+
+
+@asynccontextmanager
+async def harness(**overrides: Any) -> AsyncIterator[GatewayHarness]:
+    async with open_harness(settings_for_tests(**overrides), agent=ToolAgent()) as h:
+        yield h
+
+
+async def start_run(
+    client: Client, until: str = "tool_executing"
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The session's ready, and what arrived of a run up to ``until``."""
+    ready = await client.receive_json()
+    assert ready["type"] == "session.ready" and ready["resume_token"]
+    await client.send_json({"type": "user_message", "text": "hi", "id": "m1"})
+    return ready, await client.receive_until(until)
+
+
+async def test_a_drop_mid_tool_then_a_resume_5_s_later_gets_every_event_once_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness() as h:
+        async with h.connect(h.token("alice")) as first:
+            ready, before = await start_run(first)
+            await first.drop()
+        await trio.sleep(5)  # the tool is still running, on the detached session
+        assert h.gateway.stats["session.detached"] == 1
+        async with h.connect(h.token("alice")) as second:
+            fresh = await second.receive_json()
+            answer = await second.resume(ready, before[-1]["seq"])
+            assert answer["type"] == "session.resumed" and answer["recovered"] is True
+            assert answer["session_id"] == ready["session_id"] != fresh["session_id"]
+            assert answer["resume_token"] not in (None, ready["resume_token"])
+            after = await second.receive_until("agent_completed")
+        events = before + after
+        assert [e["type"] for e in events] == KINDS
+        assert [e["seq"] for e in events] == list(range(1, len(KINDS) + 1))
+        assert {e["run_id"] for e in events} == {"r1"} and {e["message_id"] for e in events} == {"m1"}
+        assert h.gateway.stats["session.resumed"] == 1
+        assert h.gateway.stats["run.ok"] == 1
+
+
+async def test_what_the_run_sent_while_detached_is_replayed_before_the_live_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Resumed after the run has finished: all of it comes from the log, the seq goes on."""
+    async with harness() as h:
+        async with h.connect(h.token("alice")) as first:
+            ready, before = await start_run(first, until="agent_thinking")
+            await first.drop()
+        await trio.sleep(TOOL_SECONDS + 5)
+        async with h.connect(h.token("alice")) as second:
+            await second.receive_json()
+            assert (await second.resume(ready, before[-1]["seq"]))["recovered"] is True
+            replayed = await second.receive_until("agent_completed")
+            assert h.gateway.stats["replayed"] == len(replayed) == len(KINDS) - 2
+            await second.send_json({"type": "ping", "id": "p"})
+            assert await second.receive_json() == {"type": "pong", "id": "p", "seq": len(KINDS) + 1}
+
+
+async def test_a_resume_after_the_window_is_expired_and_the_runs_were_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness(**{"resume.window": 3}) as h:
+        async with h.connect(h.token("alice")) as first:
+            ready, before = await start_run(first)
+            await first.drop()
+        await trio.sleep(4)
+        assert h.gateway.stats["session.expired"] == 1 and h.gateway.stats["run.cancelled"] == 1
+        assert list(h.gateway.sessions.detached_hosts()) == []
+        async with h.connect(h.token("alice")) as second:
+            fresh = await second.receive_json()
+            answer = await second.resume(ready, before[-1]["seq"])
+            assert answer == {
+                "type": "session.resumed",
+                "session_id": fresh["session_id"],
+                "recovered": False,
+                "resume_token": answer["resume_token"],
+                "reason": "expired",
+            }
+            # The connection goes on with its fresh session, numbered from 1.
+            await second.send_json({"type": "ping"})
+            assert (await second.receive_json())["seq"] == 1
+
+
+async def test_a_last_seq_the_log_no_longer_reaches_is_a_gap_never_a_partial_replay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness(**{"resume.max_events": 3}) as h:
+        async with h.connect(h.token("alice")) as first:
+            ready, _ = await start_run(first, until="agent_started")
+            await first.drop()
+        await trio.sleep(TOOL_SECONDS + 5)  # seven more events: the log keeps the last three
+        async with h.connect(h.token("alice")) as second:
+            await second.receive_json()
+            assert (await second.resume(ready, 1)) | {"resume_token": None} == {
+                "type": "session.resumed",
+                "session_id": (await _session_id(h, second)),
+                "recovered": False,
+                "resume_token": None,
+                "reason": "gap",
+            }
+            with trio.move_on_after(1):
+                extra = await second.receive_json()
+                pytest.fail(f"nothing is replayed after a gap, got {extra}")
+        async with h.connect(h.token("alice")) as third:
+            await third.receive_json()
+            # From the log's first message on, the replay is whole; the token is still good.
+            answer = await third.resume(ready, len(KINDS) - 3)
+            assert answer["recovered"] is True
+            assert [e["seq"] for e in await third.receive_until("agent_completed")] == [6, 7, 8]
+
+
+async def _session_id(h: GatewayHarness, client: Client) -> str:
+    (session,) = h.gateway.registry.sessions_of((None, "alice"))
+    return session.id
+
+
+async def test_a_last_seq_ahead_of_the_session_is_a_gap(autojump_clock: trio.testing.MockClock) -> None:
+    async with harness() as h:
+        async with h.connect(h.token("alice")) as first:
+            ready, before = await start_run(first)
+            await first.drop()
+        async with h.connect(h.token("alice")) as second:
+            await second.receive_json()
+            assert (await second.resume(ready, before[-1]["seq"] + 5))["reason"] == "gap"
+
+
+async def test_two_connections_resuming_at_once_one_wins_and_the_other_gets_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness() as h:
+        async with h.connect(h.token("alice")) as first:
+            ready, before = await start_run(first)
+            await first.drop()
+        answers: dict[str, dict[str, Any]] = {}
+        streams: dict[str, list[dict[str, Any]]] = {}
+
+        async def resume(name: str) -> None:
+            async with h.connect(h.token("alice")) as client:
+                await client.receive_json()
+                answers[name] = answer = await client.resume(ready, before[-1]["seq"])
+                if answer["recovered"]:
+                    streams[name] = await client.receive_until("agent_completed")
+                else:
+                    with trio.move_on_after(TOOL_SECONDS + 5):
+                        streams[name] = [await client.receive_json()]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(resume, "a")
+            nursery.start_soon(resume, "b")
+        winners = [name for name, answer in answers.items() if answer["recovered"]]
+        assert len(winners) == 1
+        (loser,) = set(answers) - set(winners)
+        assert answers[loser]["reason"] == "unknown"  # the token was used: it is good once
+        assert loser not in streams  # not one event of the session
+        assert [e["type"] for e in before + streams[winners[0]]] == KINDS
+
+
+async def test_resuming_a_session_still_served_moves_it_and_closes_the_old_connection_4409(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A half-open connection the server has not noticed: the newer one takes the session."""
+    async with harness() as h, h.connect(h.token("alice")) as old, h.connect(h.token("alice")) as new:
+        ready, before = await start_run(old)
+        await new.receive_json()
+        assert (await new.resume(ready, before[-1]["seq"]))["recovered"] is True
+        received, reason = await old.wait_closed()
+        assert received == [] and reason.code == CloseCode.SESSION_MOVED
+        assert [e["type"] for e in before + await new.receive_until("agent_completed")] == KINDS
+        assert len(h.gateway.registry.sessions_of((None, "alice"))) == 1
+
+
+async def test_another_subject_cannot_resume_and_is_counted(autojump_clock: trio.testing.MockClock) -> None:
+    async with harness() as h:
+        async with h.connect(h.token("alice")) as alice:
+            ready, before = await start_run(alice)
+            await alice.drop()
+        async with h.connect(h.token("mallory")) as mallory:
+            await mallory.receive_json()
+            answer = await mallory.resume(ready, 0)
+            assert (answer["recovered"], answer["reason"]) == (False, "unknown")
+            assert answer["session_id"] != ready["session_id"]
+            with trio.move_on_after(TOOL_SECONDS + 5):
+                pytest.fail(f"mallory got {await mallory.receive_json()}")
+        # Nor another tenant's same subject, nor a wrong token; alice's own still works.
+        async with h.connect(h.token("alice", tenant="other")) as other:
+            await other.receive_json()
+            assert (await other.resume(ready, 0))["reason"] == "unknown"
+        async with h.connect(h.token("alice")) as guess:
+            await guess.receive_json()
+            assert (await guess.resume({**ready, "resume_token": "x" * 32}, 0))["reason"] == "unknown"
+        assert h.gateway.stats["session.resume_refused"] == 3
+        async with h.connect(h.token("alice")) as again:
+            await again.receive_json()
+            assert (await again.resume(ready, before[-1]["seq"]))["recovered"] is True
+            assert [e["type"] for e in before + await again.receive_until("agent_completed")] == KINDS
+
+
+async def test_a_token_expiring_while_detached_ends_the_session_at_expiry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness() as h:
+        async with h.connect(h.token("alice", ttl=4)) as first:
+            ready, before = await start_run(first)
+            await first.drop()
+        await trio.sleep(3.9)
+        assert h.gateway.stats["session.expired"] == 0
+        await trio.sleep(0.2)
+        assert h.gateway.stats["session.expired"] == 1 and h.gateway.stats["run.cancelled"] == 1
+        async with h.connect(h.token("alice")) as second:
+            await second.receive_json()
+            assert (await second.resume(ready, before[-1]["seq"]))["reason"] == "expired"
+
+
+async def test_a_refresh_right_after_a_resume_is_the_resumed_sessions(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness() as h:
+        async with h.connect(h.token("alice", ttl=60)) as first:
+            ready, before = await start_run(first)
+            await first.drop()
+        async with h.connect(h.token("alice", ttl=60)) as second:
+            await second.receive_json()
+            assert (await second.resume(ready, before[-1]["seq"]))["recovered"] is True
+            await second.send_json({"type": "auth.refresh", "token": h.token("alice", ttl=900)})
+            refreshed = await second.receive_json()
+            assert refreshed["type"] == "auth.refreshed" and refreshed["seq"] == before[-1]["seq"] + 1
+            (session,) = h.gateway.registry.sessions_of((None, "alice"))
+            assert session.id == ready["session_id"]
+            assert session.identity.expires_at == refreshed["expires_at"]
+            # The resumed session lives on the refreshed token: nothing expires at 60 s.
+            rest = await second.receive_until("agent_completed")
+            await trio.sleep(120)
+            await second.send_json({"type": "ping"})
+            assert (await second.receive_json())["seq"] == rest[-1]["seq"] + 1
+
+
+async def test_a_final_close_ends_the_session_and_its_runs_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness() as h:
+        async with h.connect(h.token("alice")) as first:
+            ready, before = await start_run(first)
+        await trio.sleep(0.1)
+        assert h.gateway.stats["run.cancelled"] == 1 and h.gateway.stats["session.detached"] == 0
+        async with h.connect(h.token("alice")) as second:
+            await second.receive_json()
+            assert (await second.resume(ready, before[-1]["seq"]))["reason"] == "unknown"
+
+
+async def test_revoking_the_subject_ends_its_detached_sessions(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness() as h:
+        async with h.connect(h.token("alice")) as first:
+            await start_run(first)
+            await first.drop()
+        await trio.sleep(1)
+        h.gateway.revoke(subject="alice")
+        assert list(h.gateway.sessions.detached_hosts()) == []
+        await trio.sleep(0.1)
+        assert h.gateway.stats["run.cancelled"] == 1
+
+
+async def test_resume_is_only_a_first_message_and_off_when_the_window_is_zero(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness() as h, h.connect(h.token("alice")) as client:
+        ready = await client.receive_json()
+        await client.send_json({"type": "ping"})
+        await client.receive_json()
+        await client.send_json(
+            {"type": "session.resume", "session_id": ready["session_id"], "resume_token": "t", "last_seq": 0}
+        )
+        assert (await client.receive_json())["code"] == "resume_not_first"
+    async with harness(**{"resume.window": 0}) as h:
+        async with h.connect(h.token("alice")) as first:
+            ready = await first.receive_json()
+            assert ready["resume_token"] is None
+            await first.send_json({"type": "user_message", "text": "hi"})
+            await first.receive_until("tool_executing")
+            await first.drop()
+        await trio.sleep(0.1)
+        assert h.gateway.stats["run.cancelled"] == 1 and h.gateway.stats["session.detached"] == 0
