@@ -83,6 +83,10 @@ class Leases:
         places = self.places.get(key, {})
         return sum(places.pop(m, None) is not None for m in members)
 
+    async def set(self, key: str, value: str, *, px: int) -> bool:
+        self.places.setdefault("nodes", {})[key] = trio.current_time() + px / 1000
+        return True
+
 
 async def test_a_nodes_leases_live_while_it_renews_them_and_expire_when_it_dies(
     autojump_clock: trio.testing.MockClock,
@@ -100,6 +104,8 @@ async def test_a_nodes_leases_live_while_it_renews_them_and_expire_when_it_dies(
             await trio.sleep(30)  # ten lease lifetimes: renewed all along
             with pytest.raises(TooManyRequests):
                 await other.claim(key, 1)
+            # The node's own key lives as long as its leases: a node resuming its sessions waits on it.
+            assert redis.places["nodes"][f"wsgate:node:{alive.node_id}"] > trio.current_time()
             node.cancel_scope.cancel()  # the node dies: no renewal, nothing given back
         died = trio.current_time()
         with pytest.raises(TooManyRequests):

@@ -78,3 +78,23 @@ async def test_claims_count_every_node_and_are_given_back(redis: Redis) -> None:
         await until(one_held, "b's place given back")
         assert await a.claim(key, 2) is not None
         nursery.cancel_scope.cancel()
+
+
+async def test_every_script_of_the_cluster_is_lua_redis_runs(redis: Redis) -> None:
+    """Each script, loaded into a real Redis: a syntax error (``until`` is Lua's) is caught here,
+    not after a lease lifetime in production."""
+    from wsgate.cluster import redis as leases
+    from wsgate.cluster import sessions
+
+    scripts = {
+        f"{module.__name__}.{name}": value
+        for module in (leases, sessions)
+        for name, value in vars(module).items()
+        if name.isupper() and isinstance(value, str) and "redis.call" in value
+    }
+    assert len(scripts) == 7
+    for name, script in scripts.items():
+        try:
+            await redis.query("script_load", script)
+        except Exception as exc:
+            pytest.fail(f"{name} does not load: {exc}")

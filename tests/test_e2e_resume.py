@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
 
-from conftest import Server, recv, start_server, stop
+from conftest import Redis, Server, recv, start_server, stop, until
+from wsgate.auth.tokens import mint_token
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +93,122 @@ def test_a_run_cut_off_by_a_dropped_tcp_connection_is_resumed_whole(tmp_path: Pa
         asyncio.run(main())
     finally:
         stop(server)
+
+
+# -- across nodes, with a real redis-server -------------------------------------------------
+
+SECRET = "resume-test-hmac-secret-0123456789abcdef"
+
+
+def node(root: Path, name: str, redis: Redis, **env: str) -> Server:
+    (root / name).mkdir(exist_ok=True)
+    return start_server(
+        root / name,
+        "--redis-url",
+        redis.url,
+        env={"WSGATE_AUTH__HMAC_SECRET": SECRET, "WSGATE_AGENT__STEP_DELAY": "0.4", **env},
+    )
+
+
+def token(subject: str = "alice") -> str:
+    return mint_token(SECRET.encode(), subject, now=time.time(), ttl=600)
+
+
+async def stored(redis: Redis, ready: dict[str, Any]) -> None:
+    """Once the node the connection dropped from has written the session to Redis."""
+    key = f"wsgate:session:{ready['session_id']}"
+    await until(lambda: redis.query("exists", [key]), "the detached session stored")
+
+
+def test_a_run_cut_off_on_one_node_is_resumed_on_another_while_it_goes_on(
+    tmp_path: Path, redis: Redis
+) -> None:
+    a, b = node(tmp_path, "a", redis), node(tmp_path, "b", redis)
+    try:
+
+        async def main() -> None:
+            ready, before = await cut_mid_run(a, token())
+            await stored(redis, ready)
+            # Node a still runs it; b replays what a logged and relays the rest as it comes.
+            after = await resumed_rest(b, token(), ready, before[-1]["seq"])
+            check_whole(before + after)
+            # The resume token was good once, on every node.
+            for server in (a, b):
+                ws = await connect(server, token())
+                await recv(ws)
+                assert (await resume(ws, ready, len(RUN)))["reason"] == "unknown"
+                await ws.close()
+
+        asyncio.run(main())
+    finally:
+        stop(a)
+        stop(b)
+
+
+def test_a_drained_node_hands_its_sessions_to_a_new_process(tmp_path: Path, redis: Redis) -> None:
+    """SIGTERM: the run finishes, the connection closes with 1001 (the session detached and
+    written to Redis); a new process on the same Redis resumes it with every event once."""
+    old = node(tmp_path, "old", redis)
+    new = None
+    try:
+
+        async def main() -> None:
+            nonlocal new
+            ws = await connect(old, token())
+            ready = await recv(ws)
+            await ws.send(json.dumps({"type": "user_message", "text": "drain me", "id": "m1"}))
+            first = await recv(ws)
+            old.proc.terminate()
+            seen = [first, *await until_type(ws, "agent_completed")]
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await recv(ws)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            assert [e["type"] for e in seen if e["type"] != "session.draining"] == RUN
+            assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+            assert old.proc.wait(timeout=30) == 0
+            new = node(tmp_path, "new", redis)
+            rest = await resumed_after_ping(new, ready, seen[-1]["seq"])
+            assert rest == [{"type": "pong", "id": "after", "seq": seen[-1]["seq"] + 1}]
+
+        asyncio.run(main())
+    finally:
+        stop(old)
+        if new is not None:
+            stop(new)
+
+
+async def resumed_after_ping(server: Server, ready: dict[str, Any], last_seq: int) -> list[dict[str, Any]]:
+    ws = await connect(server, token())
+    try:
+        await recv(ws)
+        answer = await resume(ws, ready, last_seq)
+        assert answer["recovered"] is True, answer
+        await ws.send(json.dumps({"type": "ping", "id": "after"}))
+        return await until_type(ws, "pong")
+    finally:
+        await ws.close()
+
+
+def test_a_detached_run_whose_node_dies_ends_node_lost_never_in_silence(tmp_path: Path, redis: Redis) -> None:
+    env = {"WSGATE_CLUSTER__LEASE_TTL": "2", "WSGATE_AGENT__STEP_DELAY": "3"}
+    a, b = node(tmp_path, "a", redis, **env), node(tmp_path, "b", redis, **env)
+    try:
+
+        async def main() -> None:
+            ws = await connect(a, token())
+            ready = await recv(ws)
+            await ws.send(json.dumps({"type": "user_message", "text": "doomed", "id": "m1"}))
+            first = await recv(ws)
+            cut(ws)
+            await stored(redis, ready)
+            a.proc.kill()  # the node running the detached run is gone
+            rest = await resumed_rest(b, token(), ready, first["seq"])
+            events = [first, *rest]
+            assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+            assert events[-1]["status"] == "error" and events[-1]["error"]["code"] == "node_lost"
+            assert events[-1]["run_id"] == "r1" and events[-1]["message_id"] == "m1"
+
+        asyncio.run(main())
+    finally:
+        stop(a)
+        stop(b)

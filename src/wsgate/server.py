@@ -32,6 +32,7 @@ from .breaker_actor import BreakerActor
 from .clock import WallClock
 from .cluster.broker import Broker, LocalBroker, Revocation
 from .cluster.redis import RedisBroker
+from .cluster.sessions import RedisSessions
 from .config import Settings
 from .connection import ConnectionServer
 from .errors import GatewayError, StartupError, bind_error
@@ -148,8 +149,24 @@ class Gateway:
         self.agent: Agent = NoopAgent() if raw_app is not None else cast(Agent, app)
         # Session ids are not secrets (the client is told its own); seeded, they are reproducible.
         new_id = new_session_id if rng is None else lambda: f"s-{self._rng.getrandbits(48):012x}"
+        store = None
+        if isinstance(self.broker, RedisBroker) and settings.resume.window > 0:
+            store = RedisSessions(
+                self.broker,
+                window=settings.resume.window,
+                max_events=settings.resume.max_events,
+                call_timeout=cluster.call_timeout,
+            )
         self.sessions = Sessions(
-            settings, self.agent, self.auth, self.registry, self.clock, self.stats, nursery, new_id=new_id
+            settings,
+            self.agent,
+            self.auth,
+            self.registry,
+            self.clock,
+            self.stats,
+            nursery,
+            new_id=new_id,
+            store=store,
         )
         self.connections = ConnectionServer(self, raw_app=raw_app)
         self.metrics.watch(
@@ -298,6 +315,8 @@ class Gateway:
             session.cancel_runs()
         with trio.move_on_after(server.close_timeout + 1):
             await self.registry.wait_empty()
+        with trio.move_on_after(server.close_timeout):
+            await self.sessions.flushed()  # the drained sessions, kept for the node that resumes them
 
     def revoke(self, *, jti: str | None = None, subject: str | None = None, tenant: str | None = None) -> int:
         """Revoke a token (by ``jti``) or everything of a subject on this node; close the

@@ -37,8 +37,8 @@ return 1
 #: A node's leases of one user, renewed.
 RENEW = """
 local t = redis.call('TIME')
-local until = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until, ARGV[i]) end
+local expires = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expires, ARGV[i]) end
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 1)
 return 1
 """
@@ -46,6 +46,10 @@ return 1
 
 def lease_key(key: UserKey) -> str:
     return "wsgate:leases:" + json.dumps(list(key))
+
+
+def node_key(node_id: str) -> str:
+    return f"wsgate:node:{node_id}"
 
 
 class RedisBroker:
@@ -109,7 +113,7 @@ class RedisBroker:
     async def publish(self, key: UserKey, event: Any) -> Reach:
         payload = json.dumps({"origin": self.node_id, "event": event})
         try:
-            receivers = await self._call("publish", user_channel(key), payload)
+            receivers = await self.call("publish", user_channel(key), payload)
         except BrokerUnavailable as exc:
             return Reach(None, exc.reason)
         # Redis counts this node's own subscription too, if it has one.
@@ -131,7 +135,7 @@ class RedisBroker:
         self._claimed += 1
         claim = f"{self.node_id}:{self._claimed}"
         try:
-            granted = await self._call(
+            granted = await self.call(
                 "eval", CLAIM, keys=[lease_key(key)], args=[limit, self._lease_ttl, claim]
             )
         except BrokerUnavailable as exc:
@@ -159,28 +163,31 @@ class RedisBroker:
     async def _give_back(self) -> None:
         async for key, claim in self._releases:
             with contextlib.suppress(BrokerUnavailable):  # if not, it expires with its lease
-                await self._call("zrem", lease_key(key), [claim])
+                await self.call("zrem", lease_key(key), [claim])
 
     async def _renew(self) -> None:
         """Keep this node's leases alive: a node that dies stops renewing, and its users'
         places come back within ``cluster.lease_ttl``."""
         while True:
+            # This node is alive as long as this key is: what a node resuming a session whose
+            # runs are here waits on (``node_lost`` once it is gone).
+            await self.call("set", node_key(self.node_id), "1", px=int(self._lease_ttl * 1000))
             await trio.sleep(self._lease_ttl / 3)
             for key, claims in list(self._claims.items()):
-                await self._call("eval", RENEW, keys=[lease_key(key)], args=[self._lease_ttl, *claims])
+                await self.call("eval", RENEW, keys=[lease_key(key)], args=[self._lease_ttl, *claims])
 
     async def _store(self, revocation: Revocation) -> None:
         if revocation.kind == "jti":
-            await self._call(
+            await self.call(
                 "set", revocation.key, revocation.to_json(), exat=max(1, math.ceil(revocation.at))
             )
         else:
-            await self._call(
+            await self.call(
                 "set", revocation.key, revocation.to_json(), ex=max(1, math.ceil(self._subject_ttl))
             )
-        await self._call("publish", REVOCATIONS, revocation.to_json())
+        await self.call("publish", REVOCATIONS, revocation.to_json())
 
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """One Redis command under ``call_timeout``, through the broker's breaker: while
         Redis keeps failing, calls fail at once instead of each waiting out its deadline."""
         client = self._client

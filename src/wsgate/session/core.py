@@ -103,6 +103,7 @@ class SessionCore:
         "_runs",
         "closing",
         "degraded",
+        "following",
         "id",
         "identity",
         "lifecycle",
@@ -145,6 +146,8 @@ class SessionCore:
         self.log = MessageLog(rules.log_events if rules.resume_window > 0 else 0, rules.log_bytes)
         self._resume_key = ResumeKey()
         self._fresh = True  # nothing numbered nor received yet: session.resume may come
+        #: Runs of this session still run on another node (it was resumed here).
+        self.following = False
 
     # -- ending ------------------------------------------------------------------
 
@@ -220,6 +223,22 @@ class SessionCore:
         self._protocol_errors = 0
         self._dropped = 0
 
+    def restore(self, frames: list[str], last: int, last_run: int) -> None:
+        """Take on a session stored by another node: its log (messages up to ``last``) and its
+        run numbering."""
+        self.log = MessageLog(self._rules.log_events, self._rules.log_bytes, last=last - len(frames))
+        for frame in frames:
+            self.log.append(frame)
+        self._last_run = last_run
+
+    def running(self) -> list[tuple[str, str | None]]:
+        """The runs in flight: (run_id, message_id)."""
+        return [(run_id, run.message_id) for run_id, run in self._runs.items()]
+
+    @property
+    def last_run(self) -> int:
+        return self._last_run
+
     def resumed(self, resume_token: str | None, reason: str | None = None) -> str:
         """``session.resumed`` (not numbered): recovered unless ``reason``; with a new token."""
         token = self._new_resume_token(resume_token)
@@ -270,6 +289,8 @@ class SessionCore:
     def _start_run(self, message: UserMessage) -> Effect:
         if self.state is State.DRAINING:
             return self._error("draining", "the server is draining; reconnect to start new runs")
+        if self.following:
+            return self._error("runs_elsewhere", "this session's runs on another node have not ended yet")
         if len(self._runs) >= self._rules.max_runs:
             return self._error("too_many_runs", "too many runs in progress on this connection")
         self._last_run += 1

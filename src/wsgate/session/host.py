@@ -36,6 +36,8 @@ class Resumption:
     to replay, or why not (``reason``: ``unknown``, ``expired`` or ``gap``)."""
 
     host: SessionHost | None
+    #: The next resume token: the resumed session's, or the fresh one's.
+    token: str | None
     replay: list[str] = attrs.field(factory=list)
     reason: str | None = None
 
@@ -56,6 +58,8 @@ class Session(Protocol):
 
     def moved(self) -> None: ...
 
+    def relay(self, frame: str) -> None: ...
+
 
 class HostServices(Protocol):
     """What a session's host tells the gateway, and asks of it."""
@@ -70,11 +74,25 @@ class HostServices(Protocol):
 
     def ended(self, host: SessionHost, *, expired: bool) -> None: ...
 
+    def run_done(self, host: SessionHost, run_id: str) -> None: ...
+
+    async def still_ours(self, host: SessionHost) -> bool: ...
+
 
 class SessionHost:
     """One session's runs, whichever connection serves it, and its detached life."""
 
-    __slots__ = ("_agent", "_expiry", "_nursery", "_scopes", "_services", "attached", "core")
+    __slots__ = (
+        "_agent",
+        "_expiry",
+        "_nursery",
+        "_scopes",
+        "_services",
+        "attached",
+        "core",
+        "given_away",
+        "held",
+    )
 
     def __init__(
         self, core: SessionCore, agent: Agent, nursery: trio.Nursery, services: HostServices
@@ -87,6 +105,10 @@ class SessionHost:
         self.attached: Session | None = None
         self._scopes: dict[str, trio.CancelScope] = {}  # each run's
         self._expiry: trio.CancelScope | None = None  # the detached session's wait
+        #: Resumed on another node while runs of it still run here: they go on for it.
+        self.given_away = False
+        #: What the session sends while it follows runs elsewhere, numbered once they end.
+        self.held: list[str] = []
 
     @property
     def id(self) -> str:
@@ -108,6 +130,9 @@ class SessionHost:
 
     async def deliver(self, text: str) -> None:
         """Queue ``text`` on the connection serving the session; while detached, log it."""
+        if self.core.following:
+            self.held.append(text)
+            return
         while (shell := self.attached) is not None:
             if await shell.queue(text) or self.attached is shell:
                 return
@@ -150,6 +175,9 @@ class SessionHost:
             finally:
                 del self._scopes[run_id]
             await self._act(core.run_ended(run_id, status))
+            self._services.run_done(self, run_id)
+            if self.given_away and not self._scopes:
+                self._services.ended(self, expired=False)
         except Exception:
             # A bug of ours: this session ends (1011), nothing else does.
             log.exception("session failed", extra={"session": core.id, "event": "session.error"})
@@ -157,7 +185,10 @@ class SessionHost:
 
     def fail(self) -> None:
         """A bug in the gateway: the session ends with 1011, on its connection if any."""
-        closing = self.core.close(FAILED)
+        self.close(self.core.close(FAILED))
+
+    def close(self, closing: Close | None) -> None:
+        """The core decided ``closing``: on the connection serving the session, if any."""
         if self.attached is not None:
             self.attached.act(closing)
         else:
@@ -180,6 +211,9 @@ class SessionHost:
             await trio.sleep_forever()
         if self._expiry is not scope:
             return  # resumed, or ended otherwise
+        if not await services.still_ours(self):
+            self.give_away()
+            return
         if trio.current_time() >= expires:
             self.end(core.end(CloseCode.UNAUTHORIZED, "token expired while detached"), expired=True)
         else:
@@ -210,12 +244,37 @@ class SessionHost:
         if scope is not None:
             scope.cancel()
 
+    def give_away(self) -> None:
+        """Another node serves the session now: the runs still running here go on for it, and
+        the session is forgotten here once they have ended."""
+        self._stop_waiting()
+        self.given_away = True
+        if not self._scopes:
+            self._services.ended(self, expired=False)
+
+    # -- following runs that run on another node ---------------------------------------
+
+    def follow(self) -> None:
+        """Runs of this session still run on another node: until they end, their messages
+        (numbered there) come through :meth:`relay`, and this node's are held."""
+        self.core.following = True
+
+    def relay(self, frame: str) -> None:
+        """One message of the runs elsewhere, numbered: logged, and queued as it is."""
+        self.core.log.append(frame)
+        if self.attached is not None:
+            self.attached.relay(frame)
+
+    async def followed(self) -> None:
+        """The runs elsewhere have ended: what was held goes out, numbered after them."""
+        self.core.following = False
+        held, self.held = self.held, []
+        for text in held:
+            await self.deliver(text)
+
     def revoke(self) -> None:
         """The session's token or subject was revoked: it ends (4403), on its connection if any."""
-        if self.attached is not None:
-            self.attached.revoke()
-        else:
-            self.end(self.core.close(REVOKED))
+        self.close(self.core.close(REVOKED))
 
 
 class _GatewayBug(Exception):

@@ -10,6 +10,7 @@ the breaker changes.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from ..auth.policy import ServiceAnswer
 from ..auth.tokens import TokenSource
 from ..breaker_actor import BreakerActor
 from ..clock import WallClock
+from ..cluster.sessions import RedisSessions
 from ..config import Settings
 from ..errors import CloseCode, GatewayError
 from ..handshake import Admission
@@ -34,6 +36,9 @@ from .host import Resumption, SessionHost
 from .lifecycle import LifecycleConfig, TokenLifecycle
 from .log import resume_hash
 from .shell import Session
+from .stored import StoredSessions
+
+log = logging.getLogger("wsgate.session")
 
 #: How many sessions that expired unresumed are remembered (for ``recovered: false, expired``).
 EXPIRED_KEPT = 10_000
@@ -57,8 +62,13 @@ class Sessions:
         nursery: trio.Nursery,
         *,
         new_id: Callable[[], str] = new_session_id,
+        store: RedisSessions | None = None,
     ) -> None:
         self._settings = settings
+        #: Where detached sessions are kept for other nodes to resume (with Redis).
+        self._stored = (
+            StoredSessions(store, nursery, clock.now, settings.resume.window) if store is not None else None
+        )
         self._nursery = nursery  # where runs live: they may outlive their connection
         self._hosts: dict[str, SessionHost] = {}  # every session alive, served or detached
         # Sessions that expired unresumed, for a while: (resume token's hash, user), by id.
@@ -90,18 +100,28 @@ class Sessions:
         return Admission(result.identity, subprotocol, result.degraded, token=kept)
 
     def new(self, ws: WebSocketConnection, admission: Admission) -> Session:
+        core = SessionCore(
+            self._new_id(),
+            admission,
+            self._lifecycle(admission),
+            self._rules,
+            now=trio.current_time(),
+            stats=self._stats,
+        )
+        return Session(self._host(core), ws, admission, self._settings.server, self)
+
+    def _lifecycle(self, admission: Admission) -> TokenLifecycle:
         identity = admission.identity
-        lifecycle = TokenLifecycle(
+        return TokenLifecycle(
             self._lifecycles[admission.token is not None and self._auth.introspection is not None],
             identity.expires_at,
             identity.issued_at,
             self._clock.now(),
         )
-        core = SessionCore(
-            self._new_id(), admission, lifecycle, self._rules, now=trio.current_time(), stats=self._stats
-        )
+
+    def _host(self, core: SessionCore) -> SessionHost:
         host = self._hosts[core.id] = SessionHost(core, self._agent, self._nursery, self)
-        return Session(host, ws, admission, self._settings.server, self)
+        return host
 
     def detached_hosts(self) -> Iterator[SessionHost]:
         """The sessions waiting for their client to resume them."""
@@ -119,22 +139,54 @@ class Sessions:
     async def resume(self, session: Session, message: SessionResume) -> Resumption:
         """Serve the session ``message`` names on ``session``'s connection, if it is the same
         user's, the token is its current one, and its log reaches back to ``last_seq``.
-        Anything else is ``unknown`` (whether such a session exists is not told)."""
-        user = session.identity.user_key
+        Anything else is ``unknown`` (whether such a session exists is not told). With a
+        store, the claim there makes the token good once across every node."""
+        user, token = session.identity.user_key, message.resume_token
+        new_token = self.resume_token()
+        assert new_token is not None  # session.resume is refused when resuming is off
         host = self._hosts.get(message.session_id)
-        if host is None or host is session.host:
+        if host is not None and host is not session.host:
+            core = host.core
+            if (
+                core.state is State.CLOSED
+                or core.identity.user_key != user
+                or not core.resume_key.matches(token)
+            ):
+                return self._refused(message, user)
+            if self._stored is not None and core.state is State.DETACHED:
+                # Claimed in the store too, unless it never got there (then only here has it).
+                was_stored = self._stored.stop(host)
+                reason = await self._claim(host.core, message, new_token)
+                if reason is not None and (was_stored or reason != "unknown"):
+                    return self._refused(message, user, reason)
+                if host.core.state is State.CLOSED:
+                    return self._refused(message, user)
+            replay = host.core.log.after(message.last_seq)
+            if replay is None:
+                return self._refused(message, user, "gap")
+        elif self._stored is not None and host is None:
+            fresh_core = SessionCore(
+                message.session_id,
+                session.admission,
+                self._lifecycle(session.admission),
+                self._rules,
+                now=trio.current_time(),
+                stats=self._stats,
+            )
+            try:
+                host, reason = await self._stored.take(
+                    fresh_core, token, new_token, message.last_seq, self._host
+                )
+            except Exception as exc:
+                log.warning("resume from the store failed: %s", exc, extra={"event": "session.store"})
+                host, reason = None, "unknown"
+            if host is None:
+                return self._refused(message, user, reason)
+            replay = host.core.log.after(message.last_seq)
+            if replay is None:
+                return self._refused(message, user, "gap")
+        else:
             return self._refused(message, user)
-        core = host.core
-        if (
-            core.state is State.CLOSED
-            or core.identity.user_key != user
-            or not core.resume_key.matches(message.resume_token)
-        ):
-            return self._refused(message, user)
-        replay = core.log.after(message.last_seq)
-        if replay is None:
-            self._stats["session.resume_gap"] += 1
-            return Resumption(None, reason="gap")
         # From here to the replay being queued, nothing is awaited: what the session numbers
         # next goes after it.
         fresh = session.host
@@ -142,32 +194,66 @@ class Sessions:
         fresh.end(fresh.core.end(CloseCode.NORMAL, "replaced by a resumed session"))
         self._stats["session.resumed"] += 1
         self._stats["replayed"] += len(replay)
-        return Resumption(host, replay)
+        return Resumption(host, new_token, replay)
 
-    def _refused(self, message: SessionResume, user: UserKey) -> Resumption:
-        expired = self._expired.get(message.session_id)
-        if expired is not None and expired[1] == user and expired[0] == resume_hash(message.resume_token):
-            self._stats["session.resume_expired"] += 1
-            return Resumption(None, reason="expired")
-        self._stats["session.resume_refused"] += 1
-        return Resumption(None, reason="unknown")
+    async def _claim(self, core: SessionCore, message: SessionResume, new_token: str) -> str | None:
+        assert self._stored is not None
+        store = self._stored.store
+        try:
+            claim = await store.claim(
+                core.id,
+                core.identity.user_key,
+                resume_hash(message.resume_token),
+                resume_hash(new_token),
+                message.last_seq,
+                self._clock.now(),
+            )
+        except Exception as exc:  # the store is away: this node's own word holds
+            log.warning("resume claim failed: %s", exc, extra={"event": "session.store"})
+            return None
+        return claim.reason
+
+    def _refused(self, message: SessionResume, user: UserKey, reason: str | None = None) -> Resumption:
+        if reason is None:
+            digest, owner = self._expired.get(message.session_id, (b"", None))
+            known = owner == user and digest == resume_hash(message.resume_token)
+            reason = "expired" if known else "unknown"
+        self._stats[f"session.resume_{'refused' if reason == 'unknown' else reason}"] += 1
+        return Resumption(None, self.resume_token(), reason=reason)
 
     # -- what hosts tell ---------------------------------------------------------------
 
     def detached(self, host: SessionHost) -> None:
         self._stats["session.detached"] += 1
+        if self._stored is not None:
+            self._stored.detached(host)
 
     def logged(self, host: SessionHost, frame: str) -> None:
-        pass
+        if self._stored is not None:
+            self._stored.logged(host)
+
+    def run_done(self, host: SessionHost, run_id: str) -> None:
+        if self._stored is not None:
+            self._stored.run_done(host, run_id)
+
+    async def still_ours(self, host: SessionHost) -> bool:
+        return self._stored is None or await self._stored.still_ours(host)
 
     def ended(self, host: SessionHost, *, expired: bool) -> None:
         if self._hosts.get(host.id) is host:
             del self._hosts[host.id]
+        if self._stored is not None:
+            self._stored.ended(host)
         if expired:
             self._stats["session.expired"] += 1
             self._expired[host.id] = (host.core.resume_key.digest, host.core.identity.user_key)
             while len(self._expired) > EXPIRED_KEPT:
                 self._expired.popitem(last=False)
+
+    async def flushed(self) -> None:
+        """Every detached session written to the store (if any): before a drained node exits."""
+        if self._stored is not None:
+            await self._stored.flushed()
 
     # -- what sessions use ---------------------------------------------------------
 

@@ -242,7 +242,7 @@ class Session:
         found = await self._services.resume(self, message)
         # found.host (if any) took this connection on with nothing awaited since: what it
         # numbers from now on comes after its replay, which goes ahead of everything new.
-        answer = self.core.resumed(self._services.resume_token(), found.reason)
+        answer = self.core.resumed(found.token, found.reason)
         self._outbound.put_raw([answer, *found.replay])
         self._rearm()
 
@@ -269,8 +269,15 @@ class Session:
         outbound = self._outbound
         if not outbound.has_room:
             return False
-        outbound.put_nowait(self.core.number(text))
+        if self.core.following:
+            self.host.held.append(text)
+        else:
+            outbound.put_nowait(self.core.number(text))
         return True
+
+    def relay(self, frame: str) -> None:
+        """A message numbered on another node, for this connection as it is."""
+        self._outbound.put_raw([frame])
 
     async def queue(self, text: str) -> bool:
         """Queue one message; waits only while the queue is full (the only checkpoint), and a
