@@ -149,25 +149,10 @@ class Gateway:
         self.agent: Agent = NoopAgent() if raw_app is not None else cast(Agent, app)
         # Session ids are not secrets (the client is told its own); seeded, they are reproducible.
         new_id = new_session_id if rng is None else lambda: f"s-{self._rng.getrandbits(48):012x}"
-        store = None
-        if isinstance(self.broker, RedisBroker) and settings.resume.window > 0:
-            store = RedisSessions(
-                self.broker,
-                window=settings.resume.window,
-                max_events=settings.resume.max_events,
-                call_timeout=cluster.call_timeout,
-            )
-        self.sessions = Sessions(
-            settings,
-            self.agent,
-            self.auth,
-            self.registry,
-            self.clock,
-            self.stats,
-            nursery,
-            new_id=new_id,
-            store=store,
-        )
+        # With Redis, detached sessions are kept there too: a client may resume on any node.
+        store = RedisSessions.of(self.broker, settings) if isinstance(self.broker, RedisBroker) else None
+        parts = (self.agent, self.auth, self.registry, self.clock, self.stats, nursery)
+        self.sessions = Sessions(settings, *parts, new_id=new_id, store=store)
         self.connections = ConnectionServer(self, raw_app=raw_app)
         self.metrics.watch(
             stats=self.stats,

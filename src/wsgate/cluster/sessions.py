@@ -28,6 +28,7 @@ from typing import Any
 
 import attrs
 
+from ..config import Settings
 from ..registry import UserKey
 from .broker import BrokerUnavailable
 from .redis import RedisBroker, node_key
@@ -182,6 +183,19 @@ class RedisSessions:
         self._ttl_ms = max(1000, int(window * 2000))
         self._max_events = max_events
         self._block_ms = max(1, int(call_timeout * 500))  # a blocking read ends well within a call
+
+    @classmethod
+    def of(cls, broker: RedisBroker, settings: Settings) -> RedisSessions | None:
+        """The store of a gateway with ``settings`` (None when resuming is off)."""
+        resume = settings.resume
+        if resume.window <= 0:
+            return None
+        return cls(
+            broker,
+            window=resume.window,
+            max_events=resume.max_events,
+            call_timeout=settings.cluster.call_timeout,
+        )
 
     @property
     def node_id(self) -> str:

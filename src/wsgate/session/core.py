@@ -9,19 +9,15 @@ or cancel, a refresh to verify, a ping to send, a re-check to make, or the
 session's close.
 
 A connection ends one way: :meth:`SessionCore.end` records the first
-:class:`Close` and returns it; after that the core takes no event of that
-connection. Whether queued messages are still flushed before the close frame
-is part of the close (``flush``): not when the socket is gone or stuck. A close
-that is not final (``detach``: the connection dropped, timed out, was drained
-or moved) leaves the session detached: its runs go on, and what they send is
-numbered and logged for the client that resumes it (:meth:`resume`). A final
-close, or one while detached, ends the session.
+:class:`Close`; after that the core takes no event of that connection. Whether
+what is queued is still flushed is part of the close (``flush``). A close that
+is not final (``detach``) leaves the session detached: its runs go on, and what
+they send is numbered and logged for the client that resumes it. A final close,
+or one while detached, ends the session.
 
-Every message but ``session.ready`` and ``session.resumed`` is numbered
-(``seq``, per session, across its connections) as it is queued, and kept in the
-session's log, bounded by ``resume.max_events`` and ``resume.max_bytes``.
-
-The core never holds the socket, so the same object outlives its connections.
+Every message but ``session.ready`` and ``session.resumed`` is numbered (``seq``,
+per session, across its connections) as it is queued, and kept in its log. The
+core never holds the socket, so the same object outlives its connections.
 """
 
 from __future__ import annotations
@@ -92,13 +88,11 @@ class SessionCore:
     __slots__ = (
         "_dropped",
         "_fresh",
-        "_last_run",
         "_message_rate",
         "_ping_at",
         "_protocol_errors",
         "_reconnect_after",
         "_refreshes",
-        "_resume_key",
         "_rules",
         "_runs",
         "closing",
@@ -106,8 +100,11 @@ class SessionCore:
         "following",
         "id",
         "identity",
+        "last_run",
         "lifecycle",
         "log",
+        "resume_key",
+        "resume_window",
         "state",
         "stats",
         "token",
@@ -141,10 +138,11 @@ class SessionCore:
         self._dropped = 0
         self._reconnect_after = 0.0
         self._runs: dict[str, _Run] = {}
-        self._last_run = 0
+        self.last_run = 0
         #: The last messages numbered, to replay on resume.
         self.log = MessageLog(rules.log_events if rules.resume_window > 0 else 0, rules.log_bytes)
-        self._resume_key = ResumeKey()
+        self.resume_window = rules.resume_window
+        self.resume_key = ResumeKey()
         self._fresh = True  # nothing numbered nor received yet: session.resume may come
         #: Runs of this session still run on another node (it was resumed here).
         self.following = False
@@ -168,10 +166,6 @@ class SessionCore:
         self.token = None  # nothing re-checks a closing session, nor a detached one
         return self.closing
 
-    @property
-    def resume_window(self) -> float:
-        return self._rules.resume_window
-
     def close(self, close: Close) -> Close | None:
         """End the connection one of the ways of :mod:`.effects` (``DROPPED``, ``IDLE``, ...)."""
         if close is SLOW_CONSUMER and self.closing is None:
@@ -186,7 +180,7 @@ class SessionCore:
         return encode_message(Ready.of(self.id, self.identity, self.degraded, token))
 
     def _new_resume_token(self, token: str | None) -> str | None:
-        return self._resume_key.issue(token) if self._rules.resume_window > 0 else None
+        return self.resume_key.issue(token) if self._rules.resume_window > 0 else None
 
     def number(self, text: str) -> str:
         """Give a message its ``seq`` as it is queued, and keep it for a resume: the one place
@@ -202,10 +196,6 @@ class SessionCore:
         return self.log.last
 
     # -- resuming -----------------------------------------------------------------------
-
-    @property
-    def resume_key(self) -> ResumeKey:
-        return self._resume_key
 
     def resume(self, admission: Admission, now: float, wall: float) -> None:
         """The session is served by a new connection, admitted with ``admission`` (the same
@@ -223,21 +213,9 @@ class SessionCore:
         self._protocol_errors = 0
         self._dropped = 0
 
-    def restore(self, frames: list[str], last: int, last_run: int) -> None:
-        """Take on a session stored by another node: its log (messages up to ``last``) and its
-        run numbering."""
-        self.log = MessageLog(self._rules.log_events, self._rules.log_bytes, last=last - len(frames))
-        for frame in frames:
-            self.log.append(frame)
-        self._last_run = last_run
-
     def running(self) -> list[tuple[str, str | None]]:
         """The runs in flight: (run_id, message_id)."""
         return [(run_id, run.message_id) for run_id, run in self._runs.items()]
-
-    @property
-    def last_run(self) -> int:
-        return self._last_run
 
     def resumed(self, resume_token: str | None, reason: str | None = None) -> str:
         """``session.resumed`` (not numbered): recovered unless ``reason``; with a new token."""
@@ -293,8 +271,8 @@ class SessionCore:
             return self._error("runs_elsewhere", "this session's runs on another node have not ended yet")
         if len(self._runs) >= self._rules.max_runs:
             return self._error("too_many_runs", "too many runs in progress on this connection")
-        self._last_run += 1
-        run_id = f"r{self._last_run}"
+        self.last_run += 1
+        run_id = f"r{self.last_run}"
         self._runs[run_id] = _Run(message.id)
         return StartRun(run_id, message)
 

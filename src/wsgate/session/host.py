@@ -46,9 +46,7 @@ class Session(Protocol):
     """The connection serving a session, as its host sees it (a :class:`~.shell.Session`)."""
 
     host: SessionHost
-
-    @property
-    def admission(self) -> Admission: ...
+    admission: Admission
 
     async def queue(self, text: str) -> bool: ...
 

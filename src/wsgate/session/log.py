@@ -44,6 +44,14 @@ class MessageLog:
         #: The ``seq`` of the newest message (0: none yet).
         self.last = last
 
+    @classmethod
+    def of(cls, frames: list[str], last: int, max_events: int, max_bytes: int) -> MessageLog:
+        """A log holding ``frames``, the messages up to ``last`` (a session stored elsewhere)."""
+        log = cls(max_events, max_bytes, last=last - len(frames))
+        for frame in frames:
+            log.append(frame)
+        return log
+
     def __len__(self) -> int:
         return len(self._frames)
 

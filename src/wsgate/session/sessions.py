@@ -67,7 +67,7 @@ class Sessions:
         self._settings = settings
         #: Where detached sessions are kept for other nodes to resume (with Redis).
         self._stored = (
-            StoredSessions(store, nursery, clock.now, settings.resume.window) if store is not None else None
+            StoredSessions(store, nursery, clock.now, settings.resume) if store is not None else None
         )
         self._nursery = nursery  # where runs live: they may outlive their connection
         self._hosts: dict[str, SessionHost] = {}  # every session alive, served or detached

@@ -13,9 +13,7 @@ is cancelled, the writer stops once the queue is written and the watchdog is
 woken; with a refresh, ping or re-check in flight, the nursery is cancelled.
 Then what is queued is flushed within ``close_timeout`` (unless the close says
 not to, or the socket is gone) and the WebSocket is closed with the core's code.
-
-After ``session.resume`` the connection serves the resumed session, whose log
-after ``last_seq`` is queued ahead of anything new.
+After ``session.resume``, the connection serves the resumed session instead.
 """
 
 from __future__ import annotations
@@ -68,7 +66,6 @@ class Session:
 
     # Slots, not a __dict__: an idle connection's footprint is mostly objects like this one.
     __slots__ = (
-        "_admission",
         "_closed",
         "_helpers",
         "_nursery",
@@ -80,6 +77,7 @@ class Session:
         "_stopping",
         "_wake",
         "_writable",
+        "admission",
         "host",
         "ws",
     )
@@ -96,7 +94,8 @@ class Session:
         self.host = host
         host.attached = self
         self.ws = ws
-        self._admission = admission  # what admitted this connection: a resumed session takes it on
+        #: What admitted this connection: a session it resumes takes this identity on.
+        self.admission = admission
         self._closed: Close | None = None  # this connection's close, once decided
         self._settings = settings
         self._services = services
@@ -112,13 +111,8 @@ class Session:
     # -- what the gateway reads and calls ------------------------------------------
 
     @property
-    def core(self) -> SessionCore:
+    def core(self) -> SessionCore:  # the session's, whichever this connection serves
         return self.host.core
-
-    @property
-    def admission(self) -> Admission:
-        """What admitted this connection (a session it resumes takes this identity on)."""
-        return self._admission
 
     @property
     def id(self) -> str:
@@ -240,8 +234,7 @@ class Session:
     async def _resume(self, message: SessionResume) -> None:
         """``session.resume``: serve the session it names from now on, or say why not."""
         found = await self._services.resume(self, message)
-        # found.host (if any) took this connection on with nothing awaited since: what it
-        # numbers from now on comes after its replay, which goes ahead of everything new.
+        # Nothing awaited since the resumed host took this connection on: its replay goes first.
         answer = self.core.resumed(found.token, found.reason)
         self._outbound.put_raw([answer, *found.replay])
         self._rearm()

@@ -20,11 +20,12 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..cluster.sessions import Entry, RedisSessions, Saved
+from ..config import ResumeSettings
 from ..errors import CloseCode
 from .core import SessionCore
 from .effects import State
 from .host import SessionHost
-from .log import resume_hash
+from .log import MessageLog, resume_hash
 from .messages import AgentEvent, encode_message
 
 log = logging.getLogger("wsgate.session")
@@ -44,12 +45,18 @@ class _Shipper:
 
 class StoredSessions:
     def __init__(
-        self, store: RedisSessions, nursery: trio.Nursery, wall_now: Callable[[], float], window: float
+        self,
+        store: RedisSessions,
+        nursery: trio.Nursery,
+        wall_now: Callable[[], float],
+        settings: ResumeSettings,
     ) -> None:
         self.store = store
+        self._max_events = settings.max_events
+        self._max_bytes = settings.max_bytes
         self._nursery = nursery
         self._wall_now = wall_now
-        self._window = window
+        self._window = settings.window
         self._shippers: dict[str, _Shipper] = {}
         self._known: set[str] = set()  # sessions this node wrote or claimed in the store
         self._unsaved = 0  # detached sessions not written yet
@@ -194,7 +201,8 @@ class StoredSessions:
         entries = await store.log(core.id)
         frames = [entry.frame for entry in entries if entry.frame is not None]
         last = max((entry.seq for entry in entries), default=last_seq)
-        core.restore(frames, last, claim.last_run)
+        core.log = MessageLog.of(frames, last, max_events=self._max_events, max_bytes=self._max_bytes)
+        core.last_run = claim.last_run
         host = make_host(core)
         if claim.runner is not None and claim.runner != self.node_id and not (entries and entries[-1].done):
             host.follow()
