@@ -12,7 +12,7 @@ import trio.testing
 
 from wsgate.agent import Emit, RunContext
 from wsgate.errors import CloseCode
-from wsgate.testing import Client, GatewayHarness, open_harness, settings_for_tests
+from wsgate.testing import Client, GatewayHarness, SharedSessions, open_harness, settings_for_tests
 
 TOOL_SECONDS = 10.0
 
@@ -327,3 +327,84 @@ async def test_resume_is_only_a_first_message_and_off_when_the_window_is_zero(
             await first.drop()
         await trio.sleep(0.1)
         assert h.gateway.stats["run.cancelled"] == 1 and h.gateway.stats["session.detached"] == 0
+
+
+# -- across gateways: what Redis does in a cluster, in memory under MockClock ----------------
+
+
+async def test_drained_then_resumed_on_a_new_gateway_process(autojump_clock: trio.testing.MockClock) -> None:
+    """The old process drains (the run finishes, 1001, the session is stored) and exits; a new
+    one on the same store resumes the session: nothing replayed twice, numbering goes on."""
+    shared = SharedSessions()
+    settings = settings_for_tests(**{"server.drain_reconnect_jitter": 0})
+    async with open_harness(settings, agent=ToolAgent(), session_store=shared.node("old")) as old:
+        async with old.connect(old.token("alice")) as client:
+            ready, before = await start_run(client)
+            old.nursery.start_soon(old.gateway.drain)
+            seen, reason = await client.wait_closed()
+        assert reason.code == CloseCode.GOING_AWAY
+        assert [e["type"] for e in before + seen if e["type"] != "session.draining"] == KINDS
+        assert ready["session_id"] in shared.records  # stored before the drain returned
+    shared.kill("old")
+    async with (
+        open_harness(settings, agent=ToolAgent(), session_store=shared.node("new"), seed=1) as new,
+        new.connect(new.token("alice")) as client,
+    ):
+        await client.receive_json()
+        last = seen[-1]["seq"]
+        assert (await client.resume(ready, last))["recovered"] is True
+        await client.send_json({"type": "user_message", "text": "again"})
+        again = await client.receive_until("agent_completed")
+        assert [e["seq"] for e in again] == list(range(last + 1, last + 1 + len(KINDS)))
+        assert {e["run_id"] for e in again} == {"r2"}  # run ids go on too
+
+
+async def test_resumed_on_another_gateway_while_the_run_goes_on_there(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The run stays on the gateway that started it; the other relays its events as they come,
+    and holds its own (a pong) until the run has ended, numbered after it."""
+    shared = SharedSessions()
+    async with (
+        open_harness(settings_for_tests(), agent=ToolAgent(), session_store=shared.node("a")) as a,
+        open_harness(settings_for_tests(), agent=ToolAgent(), session_store=shared.node("b"), seed=1) as b,
+    ):
+        async with a.connect(a.token("alice")) as first:
+            ready, before = await start_run(first)
+            await first.drop()
+        await trio.sleep(1)
+        async with b.connect(b.token("alice")) as second:
+            await second.receive_json()
+            assert (await second.resume(ready, before[-1]["seq"]))["recovered"] is True
+            await second.send_json({"type": "user_message", "text": "not yet"})
+            after = await second.receive_until("agent_completed")
+            assert [e["type"] for e in before + after] == KINDS
+            assert [e["seq"] for e in before + after] == list(range(1, len(KINDS) + 1))
+            refused = await second.receive_json()  # held while the run ran there: numbered after it
+            assert (refused["code"], refused["seq"]) == ("runs_elsewhere", len(KINDS) + 1)
+            await second.send_json({"type": "user_message", "text": "now"})
+            assert (await second.receive_until("agent_completed"))[-1]["seq"] == 2 * len(KINDS) + 1
+        assert list(a.gateway.sessions.detached_hosts()) == []  # a let it go once its run ended
+
+
+async def test_a_run_whose_gateway_dies_while_detached_ends_node_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = SharedSessions()
+    async with open_harness(
+        settings_for_tests(), agent=ToolAgent(), session_store=shared.node("b"), seed=1
+    ) as b:
+        async with open_harness(settings_for_tests(), agent=ToolAgent(), session_store=shared.node("a")) as a:
+            async with a.connect(a.token("alice")) as first:
+                ready, before = await start_run(first)
+                await first.drop()
+            await trio.sleep(1)
+        shared.kill("a")  # a is gone, mid-tool, its run with it
+        async with b.connect(b.token("alice")) as second:
+            await second.receive_json()
+            assert (await second.resume(ready, before[-1]["seq"]))["recovered"] is True
+            (lost,) = await second.receive_until("agent_completed")
+            assert (
+                lost["seq"] == before[-1]["seq"] + 1 and lost["run_id"] == "r1" and lost["message_id"] == "m1"
+            )
+            assert lost["status"] == "error" and lost["error"]["code"] == "node_lost"

@@ -32,7 +32,7 @@ from .breaker_actor import BreakerActor
 from .clock import WallClock
 from .cluster.broker import Broker, LocalBroker, Revocation
 from .cluster.redis import RedisBroker
-from .cluster.sessions import RedisSessions
+from .cluster.sessions import RedisSessions, SessionStore
 from .config import Settings
 from .connection import ConnectionServer
 from .errors import GatewayError, StartupError, bind_error
@@ -62,6 +62,7 @@ class Gateway:
         clock: WallClock | None = None,
         http: httpx.AsyncClient | None = None,
         rng: random.Random | None = None,
+        session_store: SessionStore | None = None,
     ) -> None:
         self.settings = settings
         self._nursery = nursery
@@ -150,7 +151,9 @@ class Gateway:
         # Session ids are not secrets (the client is told its own); seeded, they are reproducible.
         new_id = new_session_id if rng is None else lambda: f"s-{self._rng.getrandbits(48):012x}"
         # With Redis, detached sessions are kept there too: a client may resume on any node.
-        store = RedisSessions.of(self.broker, settings) if isinstance(self.broker, RedisBroker) else None
+        store = session_store
+        if store is None and isinstance(self.broker, RedisBroker):
+            store = RedisSessions.of(self.broker, settings)
         parts = (self.agent, self.auth, self.registry, self.clock, self.stats, nursery)
         self.sessions = Sessions(settings, *parts, new_id=new_id, store=store)
         self.connections = ConnectionServer(self, raw_app=raw_app)
@@ -379,18 +382,13 @@ class Gateway:
 
 
 @asynccontextmanager
-async def open_gateway(
-    settings: Settings,
-    *,
-    agent: Agent | None = None,
-    verifier: TokenVerifier | None = None,
-    clock: WallClock | None = None,
-    http: httpx.AsyncClient | None = None,
-    rng: random.Random | None = None,
-) -> AsyncIterator[Gateway]:
-    """Run a gateway's background services; connections are served while inside."""
+async def open_gateway(settings: Settings, **options: Any) -> AsyncIterator[Gateway]:
+    """Run a gateway's background services; connections are served while inside. ``options``
+    are :class:`Gateway`'s (``agent``, ``verifier``, ``clock``, ``http``, ``rng``, and
+    ``session_store``: where detached sessions are kept for other nodes, else Redis with
+    ``cluster.redis_url``)."""
     async with trio.open_nursery() as nursery:
-        gateway = Gateway(settings, nursery, agent=agent, verifier=verifier, clock=clock, http=http, rng=rng)
+        gateway = Gateway(settings, nursery, **options)
         try:
             await gateway._start()
             yield gateway

@@ -24,7 +24,7 @@ takes its runs over as lost and ends each with ``agent_completed`` ``status:
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -57,12 +57,18 @@ APPEND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
 local rec = redis.call('HMGET', KEYS[1], 'runner', 'owner', 'ended', 'runs')
 if rec[3] == '1' then return 'ended' end
-if rec[1] ~= ARGV[2] then return 'lost' end
+if rec[1] ~= ARGV[2] and rec[2] ~= ARGV[2] then return 'lost' end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local first = tonumber(ARGV[5])
-local last = first + #ARGV - 6
-for i = 6, #ARGV do redis.call('XADD', KEYS[2], (first + i - 6) .. '-0', 'f', ARGV[i]) end
+for i = 6, #ARGV do
+  local at = first + i - 6
+  if at > seq then
+    redis.call('XADD', KEYS[2], at .. '-0', 'f', ARGV[i])
+    seq = at
+  end
+end
 redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[3])
-if #ARGV >= 6 then redis.call('HSET', KEYS[1], 'seq', last) end
+redis.call('HSET', KEYS[1], 'seq', seq)
 local finished = cjson.decode(ARGV[4])
 if #finished > 0 then
   local gone = {}
@@ -163,6 +169,34 @@ class Entry:
         return int(self.id.partition("-")[0])
 
 
+class SessionStore(Protocol):
+    """Where detached sessions are kept for every node: :class:`RedisSessions`, or
+    :class:`wsgate.testing.MemorySessions` in tests under ``MockClock``."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    async def save(self, saved: Saved) -> None: ...
+
+    async def append(self, session_id: str, first: int, frames: list[str], finished: list[str]) -> str: ...
+
+    async def claim(
+        self, session_id: str, user: UserKey, digest: bytes, new_digest: bytes, last_seq: int, now: float
+    ) -> Claim: ...
+
+    async def log(self, session_id: str, after: str = "-") -> list[Entry]: ...
+
+    async def follow(self, session_id: str, after: str) -> list[Entry]: ...
+
+    async def alive(self, node_id: str) -> bool: ...
+
+    async def lost(self, session_id: str, runner: str) -> list[tuple[str, str | None]] | None: ...
+
+    async def owner(self, session_id: str) -> str | None: ...
+
+    async def ended(self, session_id: str) -> None: ...
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -218,9 +252,9 @@ class RedisSessions:
         await self._eval(SAVE, saved.session_id, args)
 
     async def append(self, session_id: str, first: int, frames: list[str], finished: list[str]) -> str:
-        """Messages ``first``, ``first + 1``, ... of this node's runs, and the runs that ended:
-        ``owner`` or ``moved`` (resumed elsewhere; the runs go on), else ``lost``, ``ended`` or
-        ``gone``: the runs are no one's any more."""
+        """Messages ``first``, ``first + 1``, ... (those not stored yet) of a session this node
+        owns or runs runs of, and the runs that ended: ``owner``, or ``moved`` (resumed elsewhere;
+        the runs go on), else ``lost``, ``ended`` or ``gone``: the runs are no one's any more."""
         args = [self._ttl_ms, self.node_id, self._max_events, json.dumps(finished), first, *frames]
         return _text(await self._eval(APPEND, session_id, args))
 
@@ -274,4 +308,4 @@ class RedisSessions:
         )
 
 
-__all__ = ["BrokerUnavailable", "Claim", "Entry", "RedisSessions", "Saved"]
+__all__ = ["BrokerUnavailable", "Claim", "Entry", "RedisSessions", "Saved", "SessionStore"]

@@ -24,7 +24,7 @@ from ..auth.policy import ServiceAnswer
 from ..auth.tokens import TokenSource
 from ..breaker_actor import BreakerActor
 from ..clock import WallClock
-from ..cluster.sessions import RedisSessions
+from ..cluster.sessions import SessionStore
 from ..config import Settings
 from ..errors import CloseCode, GatewayError
 from ..handshake import Admission
@@ -62,7 +62,7 @@ class Sessions:
         nursery: trio.Nursery,
         *,
         new_id: Callable[[], str] = new_session_id,
-        store: RedisSessions | None = None,
+        store: SessionStore | None = None,
     ) -> None:
         self._settings = settings
         #: Where detached sessions are kept for other nodes to resume (with Redis).
@@ -155,12 +155,13 @@ class Sessions:
                 return self._refused(message, user)
             if self._stored is not None and core.state is State.DETACHED:
                 # Claimed in the store too, unless it never got there (then only here has it).
-                was_stored = self._stored.stop(host)
+                was_stored = self._stored.saved(host)
                 reason = await self._claim(host.core, message, new_token)
                 if reason is not None and (was_stored or reason != "unknown"):
                     return self._refused(message, user, reason)
                 if host.core.state is State.CLOSED:
                     return self._refused(message, user)
+                self._stored.stop(host)  # served here again: nothing more to ship
             replay = host.core.log.after(message.last_seq)
             if replay is None:
                 return self._refused(message, user, "gap")

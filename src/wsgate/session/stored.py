@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ..cluster.sessions import Entry, RedisSessions, Saved
+from ..cluster.sessions import Entry, Saved, SessionStore
 from ..config import ResumeSettings
 from ..errors import CloseCode
 from .core import SessionCore
@@ -34,19 +34,18 @@ NODE_LOST = {"code": "node_lost", "message": "the node running this run is gone"
 
 
 class _Shipper:
-    __slots__ = ("finished", "saved", "stopped", "wake")
+    __slots__ = ("finished", "stopped", "wake")
 
     def __init__(self) -> None:
         self.wake = trio.Event()
         self.finished: list[str] = []
-        self.saved = False
         self.stopped = False
 
 
 class StoredSessions:
     def __init__(
         self,
-        store: RedisSessions,
+        store: SessionStore,
         nursery: trio.Nursery,
         wall_now: Callable[[], float],
         settings: ResumeSettings,
@@ -90,15 +89,16 @@ class StoredSessions:
             shipper.finished.append(run_id)
             shipper.wake.set()
 
-    def stop(self, host: SessionHost) -> bool:
-        """The session is served here again, or has ended: nothing more to ship. Whether it
-        had been written to the store."""
+    def saved(self, host: SessionHost) -> bool:
+        """Whether the session is in the store (written as it detached, or claimed)."""
+        return host.id in self._known
+
+    def stop(self, host: SessionHost) -> None:
+        """The session is served here again, or has ended: one last shipment, then no more."""
         shipper = self._shippers.pop(host.id, None)
-        if shipper is None:
-            return False
-        shipper.stopped = True
-        shipper.wake.set()
-        return shipper.saved
+        if shipper is not None:
+            shipper.stopped = True
+            shipper.wake.set()
 
     def ended(self, host: SessionHost) -> None:
         self.stop(host)
@@ -109,7 +109,7 @@ class StoredSessions:
     async def _ship(self, host: SessionHost, shipper: _Shipper) -> None:
         core, store = host.core, self.store
         try:
-            sent = await self._save(host, shipper)
+            sent = await self._save(host)
         finally:
             self._unsaved -= 1
             if self._unsaved == 0:
@@ -121,7 +121,7 @@ class StoredSessions:
                 shipper.wake = trio.Event()
             frames = core.log.after(sent)
             if frames is None:  # more was logged meanwhile than the log keeps: write it anew
-                sent = await self._save(host, shipper)
+                sent = await self._save(host)
                 continue
             finished, shipper.finished = shipper.finished, []
             if frames or finished:
@@ -139,7 +139,7 @@ class StoredSessions:
             if last:
                 return
 
-    async def _save(self, host: SessionHost, shipper: _Shipper) -> int | None:
+    async def _save(self, host: SessionHost) -> int | None:
         core = host.core
         frames = core.log.after(core.log.first - 1) or []
         saved = Saved(
@@ -157,7 +157,6 @@ class StoredSessions:
         except Exception as exc:
             log.warning("session %s not stored: %s", host.id, exc, extra={"event": "session.store"})
             return None
-        shipper.saved = True
         self._known.add(host.id)
         return saved.seq
 

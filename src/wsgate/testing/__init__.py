@@ -30,12 +30,14 @@ from trio_websocket import (
 from ..agent import Agent
 from ..auth.tokens import mint_token
 from ..clock import WallClock
+from ..cluster.sessions import SessionStore
 from ..config import Settings
 from ..configfile import load_settings
 from ..errors import leaves
 from ..server import Gateway, open_gateway
 from ..wsconn import wrap_client_stream
 from .fakeauth import FakeAuthService
+from .store import MemorySessions, SharedSessions
 
 TEST_SECRET = b"wsgate-testing-secret-not-for-production-use"
 TEST_ISSUER = "https://issuer.test"
@@ -52,6 +54,8 @@ __all__ = [
     "ConnectionRejected",
     "FakeAuthService",
     "GatewayHarness",
+    "MemorySessions",
+    "SharedSessions",
     "open_harness",
     "settings_for_tests",
 ]
@@ -235,11 +239,13 @@ async def open_harness(
     epoch: float = TEST_EPOCH,
     http: httpx.AsyncClient | None = None,
     seed: int = 0,
+    session_store: SessionStore | None = None,
 ) -> AsyncIterator[GatewayHarness]:
     """Run a gateway for the duration of the block (see :func:`settings_for_tests`).
 
     Its randomness (session ids, retry jitter, reconnect hints) is seeded with ``seed``, so a run under
-    ``MockClock`` is reproduced exactly.
+    ``MockClock`` is reproduced exactly. ``session_store``: detached sessions kept beyond this
+    gateway (:class:`SharedSessions`), so another harness can resume them, as with Redis.
     """
     async with (
         trio.open_nursery() as nursery,
@@ -249,6 +255,7 @@ async def open_harness(
             clock=WallClock(epoch),
             http=http,
             rng=random.Random(seed),
+            session_store=session_store,
         ) as gateway,
     ):
         yield GatewayHarness(gateway, nursery, secret)
