@@ -32,6 +32,7 @@ import websockets
 from .auth import ADMIN_API_KEY, FakeAuth, auth_path, outage
 from .inprocess import measure_inprocess
 from .plot import plot_outage
+from .resume import measure_resume
 from .servers import AUDIENCE, ISSUER, SECRET, token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,7 +354,22 @@ async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
         results.update(await measure_upstream(quick, rounds))
     if (not only or any(o in "cluster workers" for o in only)) and shutil.which("redis-server"):
         results.update(await measure_cluster(quick, rounds))
+    if not only or any(o in "resume" for o in only):
+        results["resume"] = await resume_wave(200 if quick else 1000)
     return results
+
+
+async def resume_wave(count: int) -> dict[str, Any]:
+    """Every session mid-run cut off at once, then resumed (``benchmarks/resume.py``)."""
+    server = Server(
+        "wsgate",
+        [sys.executable, "-m", "wsgate", "serve", "--port", "0"],
+        {**WSGATE_ENV, "WSGATE_AGENT__STEP_DELAY": "10"},
+    )
+    try:
+        return await measure_resume(server, count)
+    finally:
+        server.stop()
 
 
 def free_port() -> int:
@@ -600,6 +616,16 @@ def report(results: dict[str, Any], quick: bool) -> None:
             one, two = by["1 workers"], by["2 workers"]
             label = metric.removeprefix("cluster_").replace("_per_s", "/s") + ", 1 / 2 workers"
             print(f"{label:<30}{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}  (2 vs 1)")
+            continue
+        if metric == "resume":
+            print(
+                f"{'resume wave':<30}{by['resume_recovered']}/{by['resume_sessions']} recovered in"
+                f" {by['resume_all_recovered_s']:.2f} s (connects alone: {by['resume_connect_wave_s']:.2f} s);"
+                f" server CPU {by['resume_cpu_us_per_resume']:.0f} µs per resume,"
+                f" {by['resume_cpu_us_per_connect']:.0f} µs per connect"
+                f" ({by['resume_cpu_us_per_resume'] / by['resume_cpu_us_per_connect']:.2f}x);"
+                f" {by['resume_detached_kib_per_session']:.1f} KiB per detached session"
+            )
             continue
         if metric == "cross_node_push":
             print(f"{'cross-node push ms p50 / p99':<30}{by['p50_ms']:>12.2f}{by['p99_ms']:>14.2f}")

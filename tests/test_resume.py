@@ -408,3 +408,33 @@ async def test_a_run_whose_gateway_dies_while_detached_ends_node_lost(
                 lost["seq"] == before[-1]["seq"] + 1 and lost["run_id"] == "r1" and lost["message_id"] == "m1"
             )
             assert lost["status"] == "error" and lost["error"]["code"] == "node_lost"
+
+
+async def test_metrics_count_detached_resumed_expired_and_the_bytes_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness(**{"resume.window": 30}) as h:
+        async with h.connect(h.token("alice")) as first:
+            ready, before = await start_run(first)
+            await first.drop()
+        await trio.sleep(1)
+        text = h.gateway.metrics.exposition().decode()
+        assert "wsgate_sessions_detached 1.0" in text
+        (host,) = h.gateway.sessions.detached_hosts()
+        assert f"wsgate_session_log_bytes {float(host.core.log.bytes)}" in text and host.core.log.bytes > 0
+        async with h.connect(h.token("alice")) as second:
+            await second.receive_json()
+            await second.resume(ready, 1)
+            await second.receive_until("agent_completed")
+        async with h.connect(h.token("bob")) as other:
+            await other.receive_json()
+            await other.resume(ready, 0)
+        text = h.gateway.metrics.exposition().decode()
+        for line in (
+            'wsgate_sessions_total{event="detached"} 1.0',
+            'wsgate_sessions_total{event="resumed"} 1.0',
+            'wsgate_sessions_total{event="resume_refused"} 1.0',
+            f"wsgate_replayed_messages_total {float(len(before) - 1)}",
+            "wsgate_sessions_detached 0.0",
+        ):
+            assert line in text, line
