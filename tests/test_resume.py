@@ -438,3 +438,25 @@ async def test_metrics_count_detached_resumed_expired_and_the_bytes_kept(
             "wsgate_sessions_detached 0.0",
         ):
             assert line in text, line
+
+
+async def test_a_user_reconnecting_in_a_loop_keeps_no_more_detached_sessions_than_connections(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with harness(**{"server.max_connections_per_user": 3}) as h:
+        readies = []
+        for _ in range(5):
+            async with h.connect(h.token("alice")) as client:
+                ready, _ = await start_run(client)
+                readies.append(ready)
+                await client.drop()
+            await trio.sleep(0.1)
+        waiting = {host.id for host in h.gateway.sessions.detached_hosts()}
+        assert waiting == {r["session_id"] for r in readies[2:]}  # the two oldest ended
+        assert h.gateway.stats["session.expired"] == 2 and h.gateway.stats["run.cancelled"] == 2
+        async with h.connect(h.token("alice")) as client:
+            await client.receive_json()
+            assert (await client.resume(readies[0], 3))["reason"] == "expired"
+        async with h.connect(h.token("alice")) as client:
+            await client.receive_json()
+            assert (await client.resume(readies[4], 3))["recovered"] is True

@@ -31,7 +31,7 @@ from ..handshake import Admission
 from ..protocol import SessionResume
 from ..registry import Registry, UserKey
 from .core import SessionCore
-from .effects import Rules, State
+from .effects import WINDOW_PASSED, Rules, State
 from .host import Resumption, SessionHost
 from .lifecycle import LifecycleConfig, TokenLifecycle
 from .log import resume_hash
@@ -71,6 +71,7 @@ class Sessions:
         )
         self._nursery = nursery  # where runs live: they may outlive their connection
         self._hosts: dict[str, SessionHost] = {}  # every session alive, served or detached
+        self._waiting: dict[UserKey, dict[str, SessionHost]] = {}  # detached, by user, oldest first
         # Sessions that expired unresumed, for a while: (resume token's hash, user), by id.
         self._expired: OrderedDict[str, tuple[bytes, UserKey]] = OrderedDict()
         self._agent = agent
@@ -191,6 +192,7 @@ class Sessions:
         # From here to the replay being queued, nothing is awaited: what the session numbers
         # next goes after it.
         fresh = session.host
+        self._not_waiting(host)
         host.attach(session)
         fresh.end(fresh.core.end(CloseCode.NORMAL, "replaced by a resumed session"))
         self._stats["session.resumed"] += 1
@@ -226,6 +228,13 @@ class Sessions:
 
     def detached(self, host: SessionHost) -> None:
         self._stats["session.detached"] += 1
+        # A user keeps as many detached sessions as it may have connections: reconnecting in a
+        # loop does not pile them up (the oldest ends, as if its window had passed).
+        waiting = self._waiting.setdefault(host.core.identity.user_key, {})
+        waiting[host.id] = host
+        if len(waiting) > self._settings.server.max_connections_per_user:
+            oldest = next(iter(waiting.values()))
+            oldest.end(oldest.core.close(WINDOW_PASSED), expired=True)
         if self._stored is not None:
             self._stored.detached(host)
 
@@ -240,7 +249,14 @@ class Sessions:
     async def still_ours(self, host: SessionHost) -> bool:
         return self._stored is None or await self._stored.still_ours(host)
 
+    def _not_waiting(self, host: SessionHost) -> None:
+        user = host.core.identity.user_key
+        waiting = self._waiting.get(user)
+        if waiting is not None and waiting.pop(host.id, None) is not None and not waiting:
+            del self._waiting[user]
+
     def ended(self, host: SessionHost, *, expired: bool) -> None:
+        self._not_waiting(host)
         if self._hosts.get(host.id) is host:
             del self._hosts[host.id]
         if self._stored is not None:
