@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -156,6 +156,7 @@ class GatewayHarness:
     """A running gateway plus ways to reach it over in-memory streams."""
 
     def __init__(self, gateway: Gateway, nursery: trio.Nursery, secret: bytes) -> None:
+        self._streams: dict[WebSocketConnection, trio.abc.Stream] = {}
         self.gateway = gateway
         self.nursery = nursery
         self.secret = secret
@@ -194,6 +195,23 @@ class GatewayHarness:
         lockstep: bool = False,
     ) -> AsyncIterator[Client]:
         """Open a WebSocket to the gateway; a refusal raises ``ConnectionRejected``."""
+        async with self.websocket(
+            token, via=via, path=path, headers=headers, subprotocols=subprotocols, lockstep=lockstep
+        ) as ws:
+            yield Client(ws, self._streams[ws])
+
+    @asynccontextmanager
+    async def websocket(
+        self,
+        token: str | None = None,
+        *,
+        via: str = "header",
+        path: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        subprotocols: Sequence[str] | None = None,
+        lockstep: bool = False,
+    ) -> AsyncIterator[WebSocketConnection]:
+        """A WebSocket to the gateway, over an in-memory stream (:meth:`cut` drops it)."""
         extra = list(headers)
         protocols = list(subprotocols) if subprotocols is not None else []
         if token is not None and via == "header":
@@ -213,9 +231,11 @@ class GatewayHarness:
                         extra_headers=extra,
                         max_message_size=1 << 22,
                     )
+                self._streams[ws] = stream
                 try:
-                    yield Client(ws, stream)
+                    yield ws
                 finally:
+                    del self._streams[ws]
                     with trio.move_on_after(5) as cleanup:
                         cleanup.shield = True
                         await ws.aclose()
@@ -227,6 +247,15 @@ class GatewayHarness:
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
         finally:
+            await trio.aclose_forcefully(stream)
+
+    def opener(self, url: str, token: str) -> AbstractAsyncContextManager[WebSocketConnection]:
+        """For :func:`wsgate.client.connect`: its connections, to this gateway in memory."""
+        return self.websocket(token)
+
+    async def cut(self) -> None:
+        """Drop every open connection of this harness's clients, as a network does."""
+        for stream in list(self._streams.values()):
             await trio.aclose_forcefully(stream)
 
 
