@@ -1,4 +1,4 @@
-"""The ``wsgate`` command: ``serve``, ``token`` and ``check-config``."""
+"""The ``wsgate`` command: ``serve``, ``token``, ``connect`` and ``check-config``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tenant", help="tenant claim")
     t.add_argument("--jti", help="token id, for revoking it by jti (default: a random one)")
 
+    k = sub.add_parser("connect", help="an interactive client: type messages, see events")
+    k.add_argument("url", help="the gateway's WebSocket URL, e.g. ws://127.0.0.1:8765/ws")
+    given = k.add_mutually_exclusive_group(required=True)
+    given.add_argument("--token", help="the token to connect with")
+    given.add_argument("--token-file", metavar="FILE", help="read the token from FILE (again for /refresh)")
+
     c = sub.add_parser("check-config", help="validate the configuration and print it")
     common(c)
     return parser
@@ -91,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "token":
             return _token(args)
+        if args.command == "connect":
+            return _connect(args)
         return _check_config(args)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -159,6 +167,17 @@ def _token(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _connect(args: argparse.Namespace) -> int:
+    import trio
+
+    from .console import console, token_source
+
+    try:
+        return trio.run(console, args.url, token_source(args.token, args.token_file))
+    except KeyboardInterrupt:
+        return 130
 
 
 def _check_config(args: argparse.Namespace) -> int:
