@@ -27,7 +27,10 @@ async def test_a_server_killed_mid_run_and_started_again(tmp_path: Path) -> None
         url = server.url.replace(":0/", f":{port}/")
         states: list[wsclient.State] = []
         async with wsclient.connect(
-            url, token=lambda: server.token("--sub", "alice"), on_state=lambda s, d: states.append(s), backoff_max=1
+            url,
+            token=lambda: server.token("--sub", "alice"),
+            on_state=lambda s, d: states.append(s),
+            backoff_max=1,
         ) as client:
             with pytest.raises(wsclient.RunInterrupted):
                 async for event in client.run("first"):

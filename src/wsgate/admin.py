@@ -2,7 +2,8 @@
 
 Bound to 127.0.0.1 by default. ``/healthz``, ``/readyz``, ``/metrics``,
 ``/auth/check`` (why a token would be refused: what a browser cannot learn
-from a refused handshake) and the ``/demo`` page are open (``/demo/token``
+from a refused handshake), the browser client ``/client/wsgate.js`` and the
+``/demo`` page are open (``/demo/token``
 mints dev tokens in dev mode only); ``/publish`` and ``/revoke`` need
 ``Authorization: Bearer <admin.api_key>``.
 """
@@ -47,6 +48,8 @@ class Operated(Protocol):
 
 
 DEMO_PAGE = (resources.files("wsgate") / "static" / "demo.html").read_bytes()
+#: The browser client (an ES module), also in the package as ``wsgate/static/wsgate.js``.
+CLIENT_JS = (resources.files("wsgate") / "static" / "wsgate.js").read_bytes()
 
 
 def _json(status: int, body: Any) -> Response:
@@ -68,6 +71,8 @@ class AdminApp:
             return _json(503 if problems else 200, body)
         if path == "/demo" and request.method == "GET":
             return Response(200, DEMO_PAGE, content_type="text/html; charset=utf-8")
+        if path == "/client/wsgate.js" and request.method == "GET":
+            return Response(200, CLIENT_JS, content_type="text/javascript; charset=utf-8")
         if path == "/demo/config" and request.method == "GET":
             return _json(
                 200, {"url": self._gateway.public_url(), "dev": self._gateway.dev_tokens is not None}
