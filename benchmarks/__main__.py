@@ -620,7 +620,8 @@ def report(results: dict[str, Any], quick: bool) -> None:
         if metric == "resume":
             print(
                 f"{'resume wave':<30}{by['resume_recovered']}/{by['resume_sessions']} recovered in"
-                f" {by['resume_all_recovered_s']:.2f} s (connects alone: {by['resume_connect_wave_s']:.2f} s);"
+                f" {by['resume_all_recovered_s']:.2f} s"
+                f" (connects alone: {by['resume_connect_wave_s']:.2f} s);"
                 f" server CPU {by['resume_cpu_us_per_resume']:.0f} µs per resume,"
                 f" {by['resume_cpu_us_per_connect']:.0f} µs per connect"
                 f" ({by['resume_cpu_us_per_resume'] / by['resume_cpu_us_per_connect']:.2f}x);"

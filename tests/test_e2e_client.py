@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import trio
 
 from conftest import data_home, free_port, start_server, stop, until
 from wsgate import client as wsclient
@@ -45,22 +44,20 @@ async def test_a_server_killed_mid_run_and_started_again(tmp_path: Path) -> None
         stop(server)
 
 
-async def test_wsgate_connect_runs_what_is_typed_and_quits(tmp_path: Path) -> None:
+def test_wsgate_connect_runs_what_is_typed_and_quits(tmp_path: Path) -> None:
     server = start_server(tmp_path, env={"WSGATE_AGENT__STEP_DELAY": "0"})
     try:
         token = server.token("--sub", "operator")
-        proc = subprocess.Popen(
+        done = subprocess.run(
             [sys.executable, "-m", "wsgate", "connect", server.url, "--token", token],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            input="hello there\n/ping\n/nonsense\n",
+            capture_output=True,
             text=True,
+            timeout=30,
             env={**data_home(tmp_path), "PATH": "/usr/bin:/bin"},
         )
-        out, err = await trio.to_thread.run_sync(
-            lambda: proc.communicate("hello there\n/ping\n/nonsense\n", timeout=30)
-        )
-        assert proc.returncode == 0, err
+        out, err = done.stdout, done.stderr
+        assert done.returncode == 0, err
         lines = [line for line in out.splitlines() if line.startswith("< ")]
         kinds = [line.split('"type": "')[1].split('"')[0] for line in lines]
         assert [k for k in kinds if k != "pong"] == RUN and "pong" in kinds
