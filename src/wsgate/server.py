@@ -301,6 +301,8 @@ class Gateway:
             await self.registry.wait_empty()
         for session in self.registry.all_sessions():
             session.cancel_runs()
+        for host in self.sessions.detached_hosts():  # their runs end too, logged "cancelled"
+            host.cancel_runs()
         with trio.move_on_after(server.close_timeout + 1):
             await self.registry.wait_empty()
         with trio.move_on_after(server.close_timeout):

@@ -210,7 +210,10 @@ class SessionHost:
         if self._expiry is not scope:
             return  # resumed, or ended otherwise
         if not await services.still_ours(self):
-            self.give_away()
+            if self._expiry is scope:  # not resumed here meanwhile
+                self.give_away()
+            return
+        if self._expiry is not scope:
             return
         if trio.current_time() >= expires:
             self.end(core.end(CloseCode.UNAUTHORIZED, "token expired while detached"), expired=True)

@@ -160,8 +160,8 @@ class Sessions:
                 reason = await self._claim(host.core, message, new_token)
                 if reason is not None and (was_stored or reason != "unknown"):
                     return self._refused(message, user, reason)
-                if host.core.state is State.CLOSED:
-                    return self._refused(message, user)
+                if host.core.state is State.CLOSED or not host.core.resume_key.matches(token):
+                    return self._refused(message, user)  # ended, or resumed meanwhile
                 self._stored.stop(host)  # served here again: nothing more to ship
             replay = host.core.log.after(message.last_seq)
             if replay is None:
@@ -185,7 +185,8 @@ class Sessions:
             if host is None:
                 return self._refused(message, user, reason)
             replay = host.core.log.after(message.last_seq)
-            if replay is None:
+            if replay is None:  # trimmed between the claim and the read: taken, but not whole
+                host.end(host.core.end(CloseCode.GOING_AWAY, "the stored log no longer reaches back"))
                 return self._refused(message, user, "gap")
         else:
             return self._refused(message, user)
