@@ -133,6 +133,12 @@ def start_server(
     return Server(proc, match.group(1), cwd, admin)
 
 
+def cluster_node(root: Path, name: str, redis: Redis, *args: str, env: dict[str, str]) -> Server:
+    """``wsgate serve`` in ``root / name``, a node on ``redis``."""
+    (root / name).mkdir(exist_ok=True)
+    return start_server(root / name, "--redis-url", redis.url, *args, env=env)
+
+
 def run_once(server: Server, text: str, subject: str = "alice") -> list[dict[str, Any]]:
     """One run over loopback with the ``websockets`` client: a token for ``subject`` from
     ``wsgate token``, a connection, ``text`` sent, and its events up to ``agent_completed``."""

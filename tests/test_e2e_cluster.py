@@ -16,7 +16,7 @@ import httpx
 import pytest
 import websockets
 
-from conftest import Redis, Server, start_server, stop, until
+from conftest import Redis, Server, cluster_node, stop, until
 from wsgate.auth.tokens import mint_token
 
 pytestmark = pytest.mark.slow
@@ -27,11 +27,10 @@ ADMIN = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def node(root: Path, name: str, redis: Redis, **env: str) -> Server:
-    (root / name).mkdir(exist_ok=True)
-    return start_server(
-        root / name,
-        "--redis-url",
-        redis.url,
+    return cluster_node(
+        root,
+        name,
+        redis,
         "--admin-port",
         "0",
         env={

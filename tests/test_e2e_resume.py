@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import websockets
 
-from conftest import Redis, Server, recv, start_server, stop, until
+from conftest import Redis, Server, cluster_node, recv, start_server, stop, until
 from wsgate.auth.tokens import mint_token
 
 pytestmark = pytest.mark.slow
@@ -101,13 +101,8 @@ SECRET = "resume-test-hmac-secret-0123456789abcdef"
 
 
 def node(root: Path, name: str, redis: Redis, **env: str) -> Server:
-    (root / name).mkdir(exist_ok=True)
-    return start_server(
-        root / name,
-        "--redis-url",
-        redis.url,
-        env={"WSGATE_AUTH__HMAC_SECRET": SECRET, "WSGATE_AGENT__STEP_DELAY": "0.4", **env},
-    )
+    settings = {"WSGATE_AUTH__HMAC_SECRET": SECRET, "WSGATE_AGENT__STEP_DELAY": "0.4", **env}
+    return cluster_node(root, name, redis, env=settings)
 
 
 def token(subject: str = "alice") -> str:

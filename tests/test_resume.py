@@ -60,13 +60,21 @@ async def start_run(
     return ready, await client.receive_until(until)
 
 
+async def detached_mid_run(
+    h: GatewayHarness, token: str | None = None, until: str = "tool_executing"
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A session whose connection dropped with a run going: its ready, what arrived of the run."""
+    async with h.connect(token or h.token("alice")) as first:
+        ready, before = await start_run(first, until)
+        await first.drop()
+    return ready, before
+
+
 async def test_a_drop_mid_tool_then_a_resume_5_s_later_gets_every_event_once_in_order(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with harness() as h:
-        async with h.connect(h.token("alice")) as first:
-            ready, before = await start_run(first)
-            await first.drop()
+        ready, before = await detached_mid_run(h)
         await trio.sleep(5)  # the tool is still running, on the detached session
         assert h.gateway.stats["session.detached"] == 1
         async with h.connect(h.token("alice")) as second:
@@ -89,9 +97,7 @@ async def test_what_the_run_sent_while_detached_is_replayed_before_the_live_stre
 ) -> None:
     """Resumed after the run has finished: all of it comes from the log, the seq goes on."""
     async with harness() as h:
-        async with h.connect(h.token("alice")) as first:
-            ready, before = await start_run(first, until="agent_thinking")
-            await first.drop()
+        ready, before = await detached_mid_run(h, until="agent_thinking")
         await trio.sleep(TOOL_SECONDS + 5)
         async with h.connect(h.token("alice")) as second:
             await second.receive_json()
@@ -106,9 +112,7 @@ async def test_a_resume_after_the_window_is_expired_and_the_runs_were_cancelled(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with harness(**{"resume.window": 3}) as h:
-        async with h.connect(h.token("alice")) as first:
-            ready, before = await start_run(first)
-            await first.drop()
+        ready, before = await detached_mid_run(h)
         await trio.sleep(4)
         assert h.gateway.stats["session.expired"] == 1 and h.gateway.stats["run.cancelled"] == 1
         assert list(h.gateway.sessions.detached_hosts()) == []
@@ -162,9 +166,7 @@ async def _session_id(h: GatewayHarness, client: Client) -> str:
 
 async def test_a_last_seq_ahead_of_the_session_is_a_gap(autojump_clock: trio.testing.MockClock) -> None:
     async with harness() as h:
-        async with h.connect(h.token("alice")) as first:
-            ready, before = await start_run(first)
-            await first.drop()
+        ready, before = await detached_mid_run(h)
         async with h.connect(h.token("alice")) as second:
             await second.receive_json()
             assert (await second.resume(ready, before[-1]["seq"] + 5))["reason"] == "gap"
@@ -174,9 +176,7 @@ async def test_two_connections_resuming_at_once_one_wins_and_the_other_gets_noth
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with harness() as h:
-        async with h.connect(h.token("alice")) as first:
-            ready, before = await start_run(first)
-            await first.drop()
+        ready, before = await detached_mid_run(h)
         answers: dict[str, dict[str, Any]] = {}
         streams: dict[str, list[dict[str, Any]]] = {}
 
@@ -245,9 +245,7 @@ async def test_a_token_expiring_while_detached_ends_the_session_at_expiry(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with harness() as h:
-        async with h.connect(h.token("alice", ttl=4)) as first:
-            ready, before = await start_run(first)
-            await first.drop()
+        ready, before = await detached_mid_run(h, h.token("alice", ttl=4))
         await trio.sleep(3.9)
         assert h.gateway.stats["session.expired"] == 0
         await trio.sleep(0.2)
@@ -261,9 +259,7 @@ async def test_a_refresh_right_after_a_resume_is_the_resumed_sessions(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with harness() as h:
-        async with h.connect(h.token("alice", ttl=60)) as first:
-            ready, before = await start_run(first)
-            await first.drop()
+        ready, before = await detached_mid_run(h, h.token("alice", ttl=60))
         async with h.connect(h.token("alice", ttl=60)) as second:
             await second.receive_json()
             assert (await second.resume(ready, before[-1]["seq"]))["recovered"] is True
@@ -369,9 +365,7 @@ async def test_resumed_on_another_gateway_while_the_run_goes_on_there(
         open_harness(settings_for_tests(), agent=ToolAgent(), session_store=shared.node("a")) as a,
         open_harness(settings_for_tests(), agent=ToolAgent(), session_store=shared.node("b"), seed=1) as b,
     ):
-        async with a.connect(a.token("alice")) as first:
-            ready, before = await start_run(first)
-            await first.drop()
+        ready, before = await detached_mid_run(a)
         await trio.sleep(1)
         async with b.connect(b.token("alice")) as second:
             await second.receive_json()
@@ -395,9 +389,7 @@ async def test_a_run_whose_gateway_dies_while_detached_ends_node_lost(
         settings_for_tests(), agent=ToolAgent(), session_store=shared.node("b"), seed=1
     ) as b:
         async with open_harness(settings_for_tests(), agent=ToolAgent(), session_store=shared.node("a")) as a:
-            async with a.connect(a.token("alice")) as first:
-                ready, before = await start_run(first)
-                await first.drop()
+            ready, before = await detached_mid_run(a)
             await trio.sleep(1)
         shared.kill("a")  # a is gone, mid-tool, its run with it
         async with b.connect(b.token("alice")) as second:
@@ -414,9 +406,7 @@ async def test_metrics_count_detached_resumed_expired_and_the_bytes_kept(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with harness(**{"resume.window": 30}) as h:
-        async with h.connect(h.token("alice")) as first:
-            ready, before = await start_run(first)
-            await first.drop()
+        ready, before = await detached_mid_run(h)
         await trio.sleep(1)
         text = h.gateway.metrics.exposition().decode()
         assert "wsgate_sessions_detached 1.0" in text

@@ -184,20 +184,10 @@ class GatewayHarness:
         return client
 
     @asynccontextmanager
-    async def connect(
-        self,
-        token: str | None = None,
-        *,
-        via: str = "header",
-        path: str | None = None,
-        headers: Sequence[tuple[bytes, bytes]] = (),
-        subprotocols: Sequence[str] | None = None,
-        lockstep: bool = False,
-    ) -> AsyncIterator[Client]:
-        """Open a WebSocket to the gateway; a refusal raises ``ConnectionRejected``."""
-        async with self.websocket(
-            token, via=via, path=path, headers=headers, subprotocols=subprotocols, lockstep=lockstep
-        ) as ws:
+    async def connect(self, token: str | None = None, **options: Any) -> AsyncIterator[Client]:
+        """Open a WebSocket to the gateway (``options``: :meth:`websocket`'s), as a JSON
+        :class:`Client`; a refusal raises ``ConnectionRejected``."""
+        async with self.websocket(token, **options) as ws:
             yield Client(ws, self._streams[ws])
 
     @asynccontextmanager
@@ -211,7 +201,9 @@ class GatewayHarness:
         subprotocols: Sequence[str] | None = None,
         lockstep: bool = False,
     ) -> AsyncIterator[WebSocketConnection]:
-        """A WebSocket to the gateway, over an in-memory stream (:meth:`cut` drops it)."""
+        """A WebSocket to the gateway, over an in-memory stream (:meth:`cut` drops it): the
+        token ``via`` the header or the subprotocol, extra ``headers``, ``lockstep`` for a
+        stream with no buffer (a client that stops reading blocks the server's writes)."""
         extra = list(headers)
         protocols = list(subprotocols) if subprotocols is not None else []
         if token is not None and via == "header":
