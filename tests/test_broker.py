@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from wsgate.cluster.broker import Reach
+from wsgate.cluster.broker import Audience, Reach
 from wsgate.cluster.redis import CLAIM, RENEW, RedisBroker
 from wsgate.errors import TooManyRequests
 
@@ -36,12 +36,12 @@ async def test_each_call_has_its_deadline_and_the_breaker_opens(
         await nursery.start(broker._breaker.run)
         for _ in range(10):  # the breaker's window needs ten calls to judge
             start = trio.current_time()
-            reach = await broker.publish((None, "u"), {"n": 1})
+            reach = await broker.publish(Audience(("u",)), [{"n": 1}])
             assert reach == Reach(None, "the broker (Redis) did not answer within 0.5 s")
             assert trio.current_time() - start == 0.5
         await trio.testing.wait_all_tasks_blocked()
         start = trio.current_time()
-        reach = await broker.publish((None, "u"), {"n": 2})
+        reach = await broker.publish(Audience(("u",)), [{"n": 2}])
         assert reach == Reach(None, "the broker's breaker is open (Redis keeps failing)")
         assert trio.current_time() == start and stuck.calls == 10  # no call made, no wait
         nursery.cancel_scope.cancel()
@@ -50,7 +50,7 @@ async def test_each_call_has_its_deadline_and_the_breaker_opens(
 async def test_without_a_connection_a_call_fails_at_once(autojump_clock: trio.testing.MockClock) -> None:
     broker = RedisBroker("redis://unused")
     start = trio.current_time()
-    assert await broker.publish((None, "u"), {}) == Reach(None, "not connected to the broker (Redis)")
+    assert await broker.publish(Audience(("u",)), [{}]) == Reach(None, "not connected to the broker (Redis)")
     assert await broker.claim((None, "u"), 3) is None  # the node's own limit holds
     assert broker.stats["limit_fallback"] == 1
     assert trio.current_time() == start

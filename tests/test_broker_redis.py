@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from conftest import Redis, until
-from wsgate.cluster.broker import Reach, Revocation
+from wsgate.cluster.broker import Audience, Reach, Revocation
 from wsgate.cluster.redis import RedisBroker
 from wsgate.errors import TooManyRequests
 
@@ -24,8 +24,8 @@ class Recorder:
     delivered: list[tuple[Any, Any]] = attrs.Factory(list)
     applied: list[Revocation] = attrs.Factory(list)
 
-    def deliver(self, key: Any, event: Any) -> None:
-        self.delivered.append((key, event))
+    def deliver(self, audience: Audience, events: list[Any]) -> None:
+        self.delivered.extend((audience, event) for event in events)
 
     def apply(self, revocation: Revocation) -> None:
         self.applied.append(revocation)
@@ -47,10 +47,10 @@ async def test_calls_cancelled_midway_leave_the_broker_working(redis: Redis) -> 
         await until(lambda: redis.subscribers(("acme", "u")), "the other node follows the user")
         for n in range(30):  # cancelled at every point a call can be, in turn
             with trio.move_on_after(n * 0.0002):
-                await broker.publish(("acme", "u"), {"n": n})
-        assert await broker.publish(("acme", "u"), {"n": "after"}) == Reach(1)
+                await broker.publish(Audience(("u",), "acme"), [{"n": n}])
+        assert await broker.publish(Audience(("u",), "acme"), [{"n": "after"}]) == Reach(1)
         await until(lambda: there.delivered and there.delivered[-1][1] == {"n": "after"}, "the push arrived")
-        assert there.delivered[-1] == (("acme", "u"), {"n": "after"})
+        assert there.delivered[-1] == (Audience(("u",), "acme"), {"n": "after"})
         revocation = Revocation("jti", "j-1", time.time() + 60)
         assert await broker.revoke(revocation)
         await until(lambda: revocation in there.applied, "the revocation arrived")

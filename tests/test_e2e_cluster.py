@@ -102,6 +102,17 @@ def test_pushes_and_revocations_reach_every_node(tmp_path: Path, redis: Redis) -
             assert all(x == {"delivered": 0, "connections": 0, "nodes": 2} for x in answers)
             assert await pushed(on_b, 20) == list(range(20))  # in order, on every node
             assert await pushed(on_c, 20) == list(range(20))
+            # One push to several users, or everyone, reaches every node (its fan-out channel).
+            on_a = await opened(a, token("bob"))
+            events = [{"n": n} for n in range(20, 30)]
+            answer = admin(a, "/publish", {"subjects": ["alice", "bob"], "events": events})
+            assert answer == {"delivered": 10, "connections": 1, "nodes": 2}
+            for ws in (on_a, on_b, on_c):
+                assert await pushed(ws, 10) == list(range(20, 30))
+            assert admin(b, "/publish", {"everyone": True, "event": {"n": 99}})["nodes"] == 2
+            for ws in (on_a, on_b, on_c):
+                assert await pushed(ws, 1) == [99]
+            await on_a.close()
             # A revocation on A closes alice's token on B at once, and C's other token lives.
             start = time.monotonic()
             assert admin(a, "/revoke", {"jti": "alice-1"}) == {"closed": 0, "cluster": "announced"}

@@ -31,7 +31,6 @@ from wsgate.session.effects import (
     StartRun,
 )
 from wsgate.session.lifecycle import LifecycleConfig, TokenLifecycle
-from wsgate.session.messages import Pushed
 
 WALL = 1_000_000.0  # the wall clock when the session opens; its monotonic clock reads 0
 RULES = Rules(
@@ -183,7 +182,7 @@ EVENTS: dict[str, Event] = {
     "agent event of r1": lambda core: core.run_event("r1", "agent_thinking", {"text": "hm"}),
     "r1 ended": lambda core: core.run_ended("r1", "ok"),
     "drain": lambda core: core.drain(1.5),
-    "server push": lambda core: core.offer(Pushed({"n": 1})),
+    "server push": lambda core: core.offer('{"type":"event","event":{"n":1}}'),
     "pushes dropped, then caught up": pushed_dropped_then_caught_up,
     "restored": lambda core: core.restored(),
     "idle": lambda core: core.close(effects.IDLE),
@@ -377,13 +376,7 @@ TABLE: dict[str, tuple[str, str, str, str, str]] = {
         "- | closed",
         "- | detached",
     ),
-    "server push": (
-        "send event | open",
-        "send event | open",
-        "send event | draining",
-        "- | closed",
-        "- | detached",
-    ),
+    "server push": ("True | open", "True | open", "True | draining", "False | closed", "False | detached"),
     "pushes dropped, then caught up": (
         "True; False; send error:events_dropped | open",
         "True; False; send error:events_dropped | open",

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .auth.devkey import DevTokens
+from .cluster.broker import Audience
+from .fanout import audience_of_request, events_of_request
 from .httpserver import Request, Response
 from .metrics import Metrics
 from .protocol import loads_strict
@@ -38,9 +40,7 @@ class Operated(Protocol):
 
     async def check_token(self, token: str) -> dict[str, Any]: ...
 
-    async def push(
-        self, subject: str, event: dict[str, Any], *, tenant: str | None = None
-    ) -> dict[str, Any]: ...
+    async def push(self, audience: Audience, events: list[dict[str, Any]]) -> dict[str, Any]: ...
 
     async def revoke_everywhere(
         self, *, jti: str | None = None, subject: str | None = None, tenant: str | None = None
@@ -133,14 +133,8 @@ class AdminApp:
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._key)
 
     async def _publish(self, body: dict[str, Any]) -> Response:
-        subject, tenant, event = body.get("subject"), body.get("tenant"), body.get("event")
-        if not isinstance(subject, str) or not subject:
-            raise ValueError("'subject' must be a non-empty string")
-        if tenant is not None and not isinstance(tenant, str):
-            raise ValueError("'tenant' must be a string")
-        if not isinstance(event, dict):
-            raise ValueError("'event' must be a JSON object")
-        return _json(200, await self._gateway.push(subject, event, tenant=tenant))
+        audience, events = audience_of_request(body), events_of_request(body)
+        return _json(200, await self._gateway.push(audience, events))
 
     async def _revoke(self, body: dict[str, Any]) -> Response:
         jti, subject, tenant = body.get("jti"), body.get("subject"), body.get("tenant")

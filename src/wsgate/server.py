@@ -30,16 +30,16 @@ from .auth.tokens import TokenSource, TokenVerifier
 from .breaker import BreakerConfig, CircuitBreaker
 from .breaker_actor import BreakerActor
 from .clock import WallClock
-from .cluster.broker import Broker, LocalBroker, Revocation
+from .cluster.broker import Audience, Broker, LocalBroker, Revocation
 from .cluster.redis import RedisBroker
 from .cluster.sessions import RedisSessions, SessionStore
 from .config import Settings
 from .connection import ConnectionServer
 from .errors import GatewayError, StartupError, bind_error
+from .fanout import deliver
 from .httpserver import serve_http
 from .metrics import Metrics, Stats
-from .registry import Registry, UserKey
-from .session.messages import Pushed
+from .registry import Registry
 from .session.sessions import Sessions, new_session_id
 from .upstream.agent import UpstreamAgent
 from .workers import reuse_port_listener
@@ -237,16 +237,12 @@ class Gateway:
     # -- operator API -----------------------------------------------------------
 
     def publish(self, subject: str, event: dict[str, Any], *, tenant: str | None = None) -> tuple[int, int]:
-        """Push ``event`` to every connection of one user (never anyone else's).
+        """Push ``event`` to every connection of one user (never anyone else's), on this node.
 
         Returns (connections that queued it, connections of the user). A connection whose
         queue is full is told it missed events, and closed if it stays full.
         """
-        sessions = self.registry.sessions_of((tenant, subject))
-        message = Pushed(event)
-        delivered = sum(session.offer(message) for session in sessions)
-        self.stats["published"] += delivered
-        return delivered, len(sessions)
+        return deliver(self.registry, Audience((subject,), tenant), [event], self.stats)
 
     def public_url(self) -> str:
         """The WebSocket URL this gateway listens on (the first address)."""
@@ -354,18 +350,19 @@ class Gateway:
 
     # -- what other nodes tell this one (the broker's Node) ----------------------------
 
-    def deliver(self, key: UserKey, event: Any) -> None:
-        self.publish(key[1], event, tenant=key[0])
+    def deliver(self, audience: Audience, events: list[Any]) -> None:
+        deliver(self.registry, audience, events, self.stats)
 
     def apply(self, revocation: Revocation) -> None:
         self._apply(revocation)
 
-    async def push(self, subject: str, event: dict[str, Any], *, tenant: str | None = None) -> dict[str, Any]:
-        """:meth:`publish` here and on the user's other nodes (``/publish``): what it reached."""
-        delivered, connections = self.publish(subject, event, tenant=tenant)
+    async def push(self, audience: Audience, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """``events`` to every connection of ``audience``, here and on the other nodes
+        (``/publish``): what it reached."""
+        delivered, connections = deliver(self.registry, audience, events, self.stats)
         answer: dict[str, Any] = {"delivered": delivered, "connections": connections}
         if self.settings.cluster.redis_url is not None:
-            reach = await self.broker.publish((tenant, subject), event)
+            reach = await self.broker.publish(audience, events)
             answer["nodes"] = reach.nodes
             if reach.problem is not None:
                 answer["unreached"] = reach.problem

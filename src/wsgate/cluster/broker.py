@@ -32,6 +32,8 @@ from ..registry import UserKey
 log = logging.getLogger("wsgate.broker")
 
 REVOCATIONS = "wsgate:revocations"
+#: Pushes to several users or everyone: every node follows it (one user's have its own channel).
+FANOUT = "wsgate:fanout"
 
 
 @attrs.frozen
@@ -71,6 +73,37 @@ class Revocation:
 
 
 @attrs.frozen
+class Audience:
+    """Some users (``subjects``) or everyone (``subjects`` None), of ``tenant``: for named users
+    the tenant they belong to (None: no tenant); for everyone, None means every tenant."""
+
+    subjects: tuple[str, ...] | None
+    tenant: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"subjects": None if self.subjects is None else list(self.subjects), "tenant": self.tenant}
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any]) -> Audience:
+        subjects = fields.get("subjects")
+        tenant = fields.get("tenant")
+        if subjects is not None and not (
+            isinstance(subjects, list) and all(isinstance(s, str) for s in subjects)
+        ):
+            raise ValueError("subjects must be a list of strings")
+        if tenant is not None and not isinstance(tenant, str):
+            raise ValueError("tenant must be a string")
+        return cls(None if subjects is None else tuple(subjects), tenant)
+
+    @property
+    def user(self) -> UserKey | None:
+        """The one user this is, if it is one."""
+        return (
+            (self.tenant, self.subjects[0]) if self.subjects is not None and len(self.subjects) == 1 else None
+        )
+
+
+@attrs.frozen
 class Reach:
     """Where a push got to besides this node: ``nodes`` that took it, or ``problem``."""
 
@@ -79,9 +112,9 @@ class Reach:
 
 
 class Node(Protocol):
-    """What the broker tells this node: a push for one of its users, a revocation."""
+    """What the broker tells this node: a push (to some of its users), a revocation."""
 
-    def deliver(self, key: UserKey, event: Any) -> None: ...
+    def deliver(self, audience: Audience, events: list[Any]) -> None: ...
 
     def apply(self, revocation: Revocation) -> None: ...
 
@@ -98,7 +131,7 @@ class Broker(Protocol):
 
     def unwatch(self, key: UserKey) -> None: ...
 
-    async def publish(self, key: UserKey, event: Any) -> Reach: ...
+    async def publish(self, audience: Audience, events: list[Any]) -> Reach: ...
 
     async def revoke(self, revocation: Revocation) -> bool: ...
 
@@ -121,7 +154,7 @@ class LocalBroker:
     def unwatch(self, key: UserKey) -> None:
         pass
 
-    async def publish(self, key: UserKey, event: Any) -> Reach:
+    async def publish(self, audience: Audience, events: list[Any]) -> Reach:
         return Reach(0)
 
     async def revoke(self, revocation: Revocation) -> bool:

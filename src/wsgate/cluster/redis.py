@@ -19,7 +19,7 @@ from ..breaker import BreakerConfig, CircuitBreaker, Outcome
 from ..breaker_actor import BreakerActor
 from ..errors import TooManyRequests, leaves
 from ..registry import UserKey
-from .broker import REVOCATIONS, BrokerUnavailable, Node, Reach, Revocation, user_channel
+from .broker import FANOUT, REVOCATIONS, Audience, BrokerUnavailable, Node, Reach, Revocation, user_channel
 
 log = logging.getLogger("wsgate.broker")
 
@@ -110,14 +110,22 @@ class RedisBroker:
 
     # -- calls ---------------------------------------------------------------------------
 
-    async def publish(self, key: UserKey, event: Any) -> Reach:
-        payload = json.dumps({"origin": self.node_id, "event": event})
+    async def publish(self, audience: Audience, events: list[Any]) -> Reach:
+        """One user's pushes on its channel (the nodes with its connections follow it, in
+        order); several users' or everyone's on the fan-out channel every node follows."""
+        key = audience.user
+        if key is not None:
+            channel, mine = user_channel(key), key in self._watched
+            payload = json.dumps({"origin": self.node_id, "events": events})
+        else:
+            channel, mine = FANOUT, True
+            payload = json.dumps({"origin": self.node_id, "audience": audience.to_json(), "events": events})
         try:
-            receivers = await self.call("publish", user_channel(key), payload)
+            receivers = await self.call("publish", channel, payload)
         except BrokerUnavailable as exc:
             return Reach(None, exc.reason)
         # Redis counts this node's own subscription too, if it has one.
-        return Reach(max(0, int(receivers) - (1 if key in self._watched else 0)))
+        return Reach(max(0, int(receivers) - (1 if mine else 0)))
 
     async def revoke(self, revocation: Revocation) -> bool:
         """Store and announce ``revocation``; False when Redis is away (it is done once back)."""
@@ -264,7 +272,7 @@ class RedisBroker:
     async def _relay(self, client: Any, node: Node) -> None:
         """Subscribed to revocations and this node's users, relay what other nodes say, until
         Redis stops answering this node's pings."""
-        channels = [REVOCATIONS, *map(user_channel, self._watched)]
+        channels = [REVOCATIONS, FANOUT, *map(user_channel, self._watched)]
         try:
             async with client.pubsub(channels=channels) as pubsub, trio.open_nursery() as nursery:
                 # Subscribed first, then caught up: a revocation announced meanwhile is in
@@ -320,8 +328,14 @@ class RedisBroker:
             message = json.loads(data)
             if message.get("origin") == self.node_id:
                 return  # delivered here already, as it was published
-            tenant, subject = json.loads(name.removeprefix("wsgate:user:"))
-            node.deliver((tenant, subject), message["event"])
+            events = message["events"]
+            if not isinstance(events, list):
+                raise TypeError("events must be a list")
+            if name == FANOUT:
+                node.deliver(Audience.from_json(message["audience"]), events)
+            else:
+                tenant, subject = json.loads(name.removeprefix("wsgate:user:"))
+                node.deliver(Audience((subject,), tenant), events)
         except (ValueError, KeyError, TypeError):
             log.warning(
                 "broker: a message that is not wsgate's on %s", name, extra={"event": "broker.garbage"}

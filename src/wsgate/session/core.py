@@ -67,7 +67,6 @@ from .messages import (
     Ready,
     Restored,
     Resumed,
-    ServerMessage,
     encode_message,
     encode_pong,
 )
@@ -394,9 +393,10 @@ class SessionCore:
 
     # -- server pushes -------------------------------------------------------------
 
-    def offer(self, message: ServerMessage) -> str | None:
-        """A server push: its text, or None once the session is closing."""
-        return None if self.closing is not None else encode_message(message)
+    def offer(self, text: str) -> bool:
+        """Whether a server push (``text``, encoded once for all) may be queued: not once the
+        connection is closing."""
+        return self.closing is None
 
     def push_dropped(self) -> bool:
         """A push found the queue full and was dropped. True for the first of a run of

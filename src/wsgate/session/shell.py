@@ -36,7 +36,6 @@ from . import effects
 from .core import SessionCore
 from .effects import RECHECK, START_PING, CancelRun, Close, Effect, Refresh, Resume, Send, StartRun
 from .host import Resumption, SessionHost
-from .messages import ServerMessage
 from .outbound import OutboundQueue
 
 log = logging.getLogger("wsgate.session")
@@ -153,12 +152,11 @@ class Session:
         if text is not None:
             self._offer(text)
 
-    def offer(self, message: ServerMessage) -> bool:
-        """Queue a server push without waiting. When full, it is dropped, the client is told
-        how many were dropped once it catches up, and a consumer that stays full beyond
-        ``slow_consumer_timeout`` is closed (1008)."""
-        text = self.core.offer(message)
-        return text is not None and self._offer(text)
+    def offer(self, text: str) -> bool:
+        """Queue a server push (an encoded message) without waiting. When full, it is dropped,
+        the client is told how many were dropped once it catches up, and a consumer that stays
+        full beyond ``slow_consumer_timeout`` is closed (1008)."""
+        return self.core.offer(text) and self._offer(text)
 
     def drain(self, reconnect_after: float) -> None:
         """Stop taking new runs; close with 1001 once the running ones have finished."""
