@@ -45,7 +45,7 @@ async def test_one_push_of_many_events_to_some_users_a_tenant_and_everyone(
         opened = trio.Event()
 
         async def hold(subject: str, tenant: str | None) -> None:
-            claims = {"tenant": tenant} if tenant else {}
+            claims: dict[str, Any] = {"tenant": tenant} if tenant else {}
             async with h.connect(h.token(subject, **claims)) as client:
                 await client.receive_json()
                 clients[subject] = client
@@ -77,7 +77,9 @@ async def test_one_push_of_many_events_to_some_users_a_tenant_and_everyone(
         nursery.cancel_scope.cancel()
 
 
-async def test_a_full_queue_drops_what_does_not_fit_and_says_so(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_full_queue_drops_what_does_not_fit_and_says_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     from wsgate.testing import settings_for_tests
 
     settings = settings_for_tests(**{"server.send_queue_messages": 10})
