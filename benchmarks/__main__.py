@@ -30,6 +30,7 @@ from typing import Any
 import websockets
 
 from .auth import ADMIN_API_KEY, FakeAuth, auth_path, outage
+from .fanout import bare_trigger, fanout, publish_trigger
 from .inprocess import measure_inprocess
 from .plot import plot_outage
 from .resume import measure_resume
@@ -356,7 +357,55 @@ async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
         results.update(await measure_cluster(quick, rounds))
     if not only or any(o in "resume" for o in only):
         results["resume"] = await resume_wave(200 if quick else 1000)
+    if not only or any(o in "fanout" for o in only):
+        results.update(await measure_fanout(300 if quick else 1000, 10 if quick else 20, rounds))
     return results
+
+
+async def measure_fanout(users: int, events: int, rounds: int) -> dict[str, Any]:
+    """One push of ``events`` events to ``users`` idle users (``benchmarks/fanout.py``)."""
+    admin_port = free_port()
+    env = {**WSGATE_ENV, "WSGATE_ADMIN__API_KEY": ADMIN_API_KEY, "WSGATE_SERVER__SEND_QUEUE_MESSAGES": "4096"}
+    servers = {
+        "wsgate": Server(
+            "wsgate",
+            [
+                sys.executable,
+                "-m",
+                "wsgate",
+                "serve",
+                "--port",
+                "0",
+                "--app",
+                "noop",
+                "--admin-port",
+                str(admin_port),
+            ],
+            env,
+        ),
+        "bare trio-websocket": Server("bare", [sys.executable, "-m", "benchmarks.servers", "bare-fanout"]),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in servers}
+    cpu: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        for _ in range(rounds):
+            for name, server in servers.items():
+                trigger = (
+                    publish_trigger(admin_port, ADMIN_API_KEY, events)
+                    if name == "wsgate"
+                    else bare_trigger(server.url, events)
+                )
+                got = await fanout(server, users, events, trigger)
+                progress(f"fan-out {users} users  {name}")(1, 1)
+                rates[name].append(got["events_per_s"])
+                cpu[name].append(got["cpu_us_per_event"])
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {
+        "fanout_events_per_s": {name: median(values) for name, values in rates.items()},
+        "cpu_us_per_fanout_event": {name: median(values) for name, values in cpu.items()},
+    }
 
 
 async def resume_wave(count: int) -> dict[str, Any]:

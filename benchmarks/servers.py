@@ -3,6 +3,8 @@
 ``python -m benchmarks.servers bare|peer`` prints ``port N`` once listening:
 - ``bare``: trio-websocket alone, the floor of our stack: accept, send a ready
   message, echo every message;
+- ``bare-fanout``: the same, and a connection to ``/control`` that sends ``fanout N``
+  has N events sent to every other connection;
 - ``peer``: what a user would write instead with the ``websockets`` (asyncio)
   package: the same pyjwt HS256 verification before accepting, then the same.
 wsgate itself runs as ``wsgate serve --app noop``.
@@ -11,6 +13,7 @@ wsgate itself runs as ``wsgate serve --app noop``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import sys
 import time
@@ -52,6 +55,37 @@ async def bare() -> None:
         print(f"port {server.port}", flush=True)
 
 
+async def bare_fanout() -> None:
+    """trio-websocket alone, fanning out as one would write it: a connection that sends
+    ``fanout N`` has N events sent to every other connection, one send after another."""
+    listeners: set[trio_websocket.WebSocketConnection] = set()
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        control = request.path.endswith("/control")
+        ws = await request.accept()
+        try:
+            await ws.send_message(READY)
+            if not control:
+                listeners.add(ws)
+                await ws.get_message()  # until it closes
+                return
+            message = await ws.get_message()
+            for n in range(int(str(message).split()[1])):
+                event = f'{{"type":"event","event":{{"n":{n}}},"seq":{n + 1}}}'
+                for other in list(listeners):
+                    with contextlib.suppress(trio_websocket.ConnectionClosed):
+                        await other.send_message(event)
+            await ws.send_message("done")
+        except trio_websocket.ConnectionClosed:
+            pass
+        finally:
+            listeners.discard(ws)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+        print(f"port {server.port}", flush=True)
+
+
 async def peer() -> None:
     def verify(connection: ServerConnection, request: Request) -> Response | None:
         header = request.headers.get("Authorization", "")
@@ -77,5 +111,7 @@ async def peer() -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "bare":
         trio.run(bare)
+    elif sys.argv[1] == "bare-fanout":
+        trio.run(bare_fanout)
     else:
         asyncio.run(peer())
