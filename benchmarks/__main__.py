@@ -35,6 +35,7 @@ from .inprocess import measure_inprocess
 from .plot import plot_outage
 from .resume import measure_resume
 from .servers import AUDIENCE, ISSUER, SECRET, token
+from .storm import storm
 
 ROOT = Path(__file__).resolve().parent.parent
 WSGATE_ENV = {
@@ -357,9 +358,19 @@ async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
         results.update(await measure_cluster(quick, rounds))
     if not only or any(o in "resume" for o in only):
         results["resume"] = await resume_wave(200 if quick else 1000)
+    if not only or any(o in "storm" for o in only):
+        results["storm"] = await reconnect_storm(300 if quick else 3000)
     if not only or any(o in "fanout" for o in only):
         results.update(await measure_fanout(300 if quick else 1000, 10 if quick else 20, rounds))
     return results
+
+
+async def reconnect_storm(clients: int) -> dict[str, Any]:
+    """Drain one process into the next on the same port (``benchmarks/storm.py``)."""
+    port = free_port()
+    command = [sys.executable, "-m", "wsgate", "serve", "--port", str(port), "--app", "noop"]
+    old = Server("wsgate (old)", command, WSGATE_ENV)
+    return await storm(old, lambda: Server("wsgate (new)", command, WSGATE_ENV), clients, headers())
 
 
 async def measure_fanout(users: int, events: int, rounds: int) -> dict[str, Any]:
@@ -665,6 +676,14 @@ def report(results: dict[str, Any], quick: bool) -> None:
             one, two = by["1 workers"], by["2 workers"]
             label = metric.removeprefix("cluster_").replace("_per_s", "/s") + ", 1 / 2 workers"
             print(f"{label:<30}{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}  (2 vs 1)")
+            continue
+        if metric == "storm":
+            print(
+                f"{'reconnect storm':<30}{by['storm_clients']} clients drained into a new process:"
+                f" {by['storm_refused']} refused, {by['storm_eof']} EOF, {by['storm_503']} answered 503;"
+                f" 99 % back in {by['storm_t99_s']} s (largest hint {by['storm_hint_max_s']} s);"
+                f" {by['storm_old_cpu_us_per_session']} µs of the old process's CPU per session closed"
+            )
             continue
         if metric == "resume":
             print(

@@ -80,8 +80,9 @@ class ServerSettings:
     #: Worker processes sharing the port (SO_REUSEPORT), each a full gateway; more than one
     #: needs ``cluster.redis_url``.
     workers: int = attrs.field(default=1, validator=_between(1, 64))
-    #: Bind with SO_REUSEPORT, so that other processes may listen on the same port.
-    reuse_port: bool = False
+    #: Bind with SO_REUSEPORT, so that other processes may listen on the same port: the next
+    #: process binds while this one drains (and workers share it).
+    reuse_port: bool = True
 
 
 @attrs.frozen

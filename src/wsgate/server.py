@@ -108,6 +108,7 @@ class Gateway:
         )
         self.stats: Counter[str] = Stats()
         self.addresses: list[tuple[str, int]] = []
+        self._accepting = trio.CancelScope()  # until the drain
         self.admin_port: int | None = None
         self.draining = False
         self.metrics = Metrics()
@@ -226,9 +227,15 @@ class Gateway:
         except OSError as exc:
             raise bind_error(exc, "server.host, server.port", server.host, server.port) from None
         self.addresses = [listener.socket.getsockname()[:2] for listener in listeners]
-        await trio.serve_listeners(
-            self.connections.handle_stream, listeners, handler_nursery=self._nursery, task_status=task_status
-        )
+        # Cancelled as the drain begins: the listeners close and the port is the next process's
+        # (SO_REUSEPORT); the connections go on, in the gateway's nursery.
+        with self._accepting:
+            await trio.serve_listeners(
+                self.connections.handle_stream,
+                listeners,
+                handler_nursery=self._nursery,
+                task_status=task_status,
+            )
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection over ``stream``, from the HTTP upgrade to the close (never raises)."""
@@ -246,9 +253,8 @@ class Gateway:
 
     def public_url(self) -> str:
         """The WebSocket URL this gateway listens on (the first address)."""
-        host, port = (
-            self.addresses[0] if self.addresses else (self.settings.server.host, self.settings.server.port)
-        )
+        server = self.settings.server
+        host, port = self.addresses[0] if self.addresses else (server.host, server.port)
         host = f"[{host}]" if ":" in host else host
         return f"ws://{host}:{port}{self.settings.server.path}"
 
@@ -282,11 +288,12 @@ class Gateway:
         return detail
 
     async def drain(self) -> None:
-        """Stop admitting (503), let runs finish up to ``drain_timeout``, then cancel them;
-        every connection ends with 1001 and a jittered reconnect hint."""
+        """Stop accepting (the port is left to whoever shares it) and admitting (503), let runs
+        finish up to ``drain_timeout``, then cancel them; connections end with 1001 and a hint."""
         if self.draining:
             return
         self.draining = True
+        self._accepting.cancel()  # new connections go to the process taking over the port
         server = self.settings.server
         log.warning(
             "draining", extra={"event": "gateway.draining", "outcome": f"{len(self.registry)} connections"}
