@@ -30,6 +30,7 @@ from typing import Any
 import websockets
 
 from .auth import ADMIN_API_KEY, FakeAuth, auth_path, outage
+from .deflate import wire_bytes
 from .fanout import bare_trigger, fanout, publish_trigger
 from .inprocess import measure_inprocess
 from .plot import plot_outage
@@ -360,6 +361,8 @@ async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
         results["resume"] = await resume_wave(200 if quick else 1000)
     if not only or any(o in "storm" for o in only):
         results["storm"] = await reconnect_storm(300 if quick else 3000)
+    if not only or any(o in "deflate" for o in only):
+        results["deflate"] = await deflate_run(50 if quick else 300)
     if not only or any(o in "fanout" for o in only):
         results.update(await measure_fanout(300 if quick else 1000, 10 if quick else 20, rounds))
     return results
@@ -371,6 +374,37 @@ async def reconnect_storm(clients: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "wsgate", "serve", "--port", str(port), "--app", "noop"]
     old = Server("wsgate (old)", command, WSGATE_ENV)
     return await storm(old, lambda: Server("wsgate (new)", command, WSGATE_ENV), clients, headers())
+
+
+async def deflate_run(runs: int) -> dict[str, Any]:
+    """A typical agent run's bytes on the wire, compressed and not (``benchmarks/deflate.py``)."""
+    command = [
+        sys.executable,
+        "-m",
+        "wsgate",
+        "serve",
+        "--port",
+        "0",
+        "--app",
+        "benchmarks.deflate:TypicalAgent",
+    ]
+    got: dict[str, Any] = {}
+    for name, takeover in (("deflate", "false"), ("deflate, context takeover", "true")):
+        server = Server(
+            "wsgate", command, {**WSGATE_ENV, "WSGATE_SERVER__DEFLATE_CONTEXT_TAKEOVER": takeover}
+        )
+        try:
+            measured = await wire_bytes(server, runs)
+        finally:
+            server.stop()
+        got[name] = measured["deflate"]
+        got["none"] = measured["none"]
+    plain = got["none"]["bytes_per_run"]
+    return {
+        **got,
+        "deflate_wire_ratio": round(got["deflate"]["bytes_per_run"] / plain, 3),
+        "deflate_takeover_wire_ratio": round(got["deflate, context takeover"]["bytes_per_run"] / plain, 3),
+    }
 
 
 async def measure_fanout(users: int, events: int, rounds: int) -> dict[str, Any]:
@@ -676,6 +710,16 @@ def report(results: dict[str, Any], quick: bool) -> None:
             one, two = by["1 workers"], by["2 workers"]
             label = metric.removeprefix("cluster_").replace("_per_s", "/s") + ", 1 / 2 workers"
             print(f"{label:<30}{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}  (2 vs 1)")
+            continue
+        if metric == "deflate":
+            plain = by["none"]
+            for name in ("deflate", "deflate, context takeover"):
+                on = by[name]
+                print(
+                    f"{'a typical run, ' + name:<30}{on['bytes_per_run']} bytes on the wire vs"
+                    f" {plain['bytes_per_run']} ({on['bytes_per_run'] / plain['bytes_per_run']:.2f});"
+                    f" server CPU {on['cpu_us_per_run']:.0f} vs {plain['cpu_us_per_run']:.0f} µs per run"
+                )
             continue
         if metric == "storm":
             print(

@@ -80,6 +80,11 @@ class ServerSettings:
     #: Worker processes sharing the port (SO_REUSEPORT), each a full gateway; more than one
     #: needs ``cluster.redis_url``.
     workers: int = attrs.field(default=1, validator=_between(1, 64))
+    #: permessage-deflate (RFC 7692), when the client offers it: the server's window (9-15
+    #: bits: 2^bits bytes of history) and whether it keeps its context across messages.
+    deflate: bool = True
+    deflate_window_bits: int = attrs.field(default=12, validator=_between(9, 15))
+    deflate_context_takeover: bool = False
     #: Bind with SO_REUSEPORT, so that other processes may listen on the same port: the next
     #: process binds while this one drains (and workers share it).
     reuse_port: bool = True

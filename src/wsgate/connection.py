@@ -35,7 +35,7 @@ from .registry import Lease, LeaseHolder, Registry, UserKey
 from .session.messages import Error, encode_message
 from .session.sessions import Sessions
 from .streams import GuardedStream, peer_address, raw_response, refuse_raw
-from .wsconn import wrap_server_stream
+from .wsconn import Deflate, wrap_server_stream
 
 
 class Admitting(Protocol):
@@ -73,6 +73,9 @@ class ConnectionServer:
         self._raw_app = raw_app
         server = gateway.settings.server
         self._handshakes = RateLimiter(server.handshake_rate, server.handshake_burst)
+        self._deflate = (
+            Deflate(server.deflate_window_bits, server.deflate_context_takeover) if server.deflate else None
+        )
         self.pending = PendingHandshakes(
             per_address=server.max_pending_handshakes_per_address, total=server.max_pending_handshakes
         )
@@ -184,6 +187,7 @@ class ConnectionServer:
                 message_queue_size=4,
                 max_message_size=server.max_message_bytes,
                 max_fragments=server.max_fragments,
+                deflate=self._deflate,
             )
             opened = await self._open(request, peer, leases)
         guarded.watch(None)

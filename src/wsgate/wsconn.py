@@ -25,11 +25,15 @@ only module that touches them; ``tests/test_wsconn.py`` fails when one moves):
 - ``WSConnection.handshake``: dropped once the upgrade is done.
 - ``Connection._proto._frame_decoder.extensions``: where the declared-size limit
   (a public ``wsproto.extensions.Extension``) is put, since it is not negotiated.
+- ``PerMessageDeflate``'s ``_compressor``, ``_decompressor``, ``_inbound_*`` and
+  ``_parse_params``: its decompression bounded by the message size, its compressor
+  made with a small window, and a secret-bearing message given a context of its own.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -39,8 +43,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Event, Pong, TextMessage
-from wsproto.extensions import Extension
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Event, Pong, TextMessage
+from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 from wsproto.utilities import RemoteProtocolError
 
@@ -121,11 +125,123 @@ def _size_limit(limit: int) -> _DeclaredSizeLimit:
     return extension
 
 
+@dataclass(frozen=True)
+class Deflate:
+    """permessage-deflate as the server agrees to it (RFC 7692): the window of its own
+    compressor, and whether it keeps it from one message to the next."""
+
+    window_bits: int = 12
+    context_takeover: bool = False
+
+    @property
+    def mem_level(self) -> int:
+        """zlib's memLevel for this window: its hash tables sized to the window, not to 128 KiB."""
+        return max(1, min(9, self.window_bits - 7))
+
+
+#: Server messages that carry a secret (a resume token): never compressed in a context that
+#: holds another message, so nothing chosen by a client can be used to guess them (CRIME).
+_SECRET_MESSAGES = (b'{"type":"session.ready"', b'{"type":"session.resumed"')
+
+
+class _Deflate(PerMessageDeflate):
+    """wsproto's permessage-deflate, bounded: a message is decompressed no further than
+    ``max_bytes`` (a deflate bomb is 1009, and never expanded in memory), the client is
+    asked not to keep its context (so no decompressor outlives a message here), and the
+    server's compressor has a small window and hash (``Deflate``)."""
+
+    def __init__(self, settings: Deflate, max_bytes: int) -> None:
+        super().__init__(
+            client_no_context_takeover=True,
+            server_no_context_takeover=not settings.context_takeover,
+            server_max_window_bits=settings.window_bits,
+        )
+        self._settings = settings
+        self._max_bytes = max_bytes
+        self._inflated = 0  # bytes of the message being received, decompressed so far
+
+    def accept(self, offer: str) -> bool | str | None:
+        """Agree to the client's offer with this server's window (or the smaller one it asks
+        for), and ask it to keep no context."""
+        client_bits, asked = self._parse_params(offer)
+        bits = self._settings.window_bits if asked is None else min(asked, self._settings.window_bits)
+        if bits < 9:
+            return None  # zlib has no raw deflate with an 8-bit window: decline the offer
+        self.server_max_window_bits = bits
+        parameters = ["client_no_context_takeover"]
+        if self.server_no_context_takeover:
+            parameters.append("server_no_context_takeover")
+        parameters.append(f"server_max_window_bits={bits}")
+        if client_bits is not None:
+            self.client_max_window_bits = client_bits
+            parameters.append(f"client_max_window_bits={client_bits}")
+        self._enabled = True
+        return "; ".join(parameters)
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        assert self._decompressor is not None
+        budget = self._max_bytes - self._inflated
+        try:
+            out = self._decompressor.decompress(data, budget + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(out)
+        if self._inflated > self._max_bytes or self._decompressor.unconsumed_tail:
+            return CloseReason.MESSAGE_TOO_BIG
+        return out
+
+    def frame_inbound_payload_data(
+        self, proto: FrameDecoder | FrameProtocol, data: bytes
+    ) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        return self._inflate(bytes(data))
+
+    def frame_inbound_complete(
+        self, proto: FrameDecoder | FrameProtocol, fin: bool
+    ) -> bytes | CloseReason | None:
+        if not fin or not self._inbound_is_compressible or not self._inbound_compressed:
+            if fin:
+                self._inbound_compressed = None
+                self._inflated = 0
+            return None
+        tail = self._inflate(b"\x00\x00\xff\xff")
+        self._decompressor = None  # client_no_context_takeover: nothing kept between messages
+        self._inbound_compressed = None
+        self._inflated = 0
+        return tail
+
+    def frame_outbound(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, data: bytes, fin: bool
+    ) -> tuple[RsvBits, bytes]:
+        if not self._compressible_opcode(opcode):
+            return (rsv, data)
+        secret = opcode is Opcode.TEXT and bytes(data[:25]).startswith(_SECRET_MESSAGES)
+        if secret:
+            self._compressor = None  # a context of its own, dropped after it
+        if self._compressor is None:
+            settings = self._settings
+            self._compressor = zlib.compressobj(
+                zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -self.server_max_window_bits, settings.mem_level
+            )
+        rsv, out = super().frame_outbound(proto, opcode, rsv, data, fin)
+        if secret and fin:
+            self._compressor = None
+        return rsv, out
+
+
 class _AnsweringWSConnection(WSConnection):
-    def __init__(self, connection_type: ConnectionType, max_fragments: int, max_frame_bytes: int) -> None:
+    def __init__(
+        self,
+        connection_type: ConnectionType,
+        max_fragments: int,
+        max_frame_bytes: int,
+        deflate: Deflate | None = None,
+    ) -> None:
         super().__init__(connection_type)
         self._max_fragments = max_fragments
         self._max_frame_bytes = max_frame_bytes
+        self._deflate = deflate
         self._fragments = 0
         self._upgraded = False
 
@@ -140,6 +256,11 @@ class _AnsweringWSConnection(WSConnection):
             )
         if isinstance(event, _PlainResponse):
             return event.data
+        if isinstance(event, AcceptConnection) and self._deflate is not None:
+            # trio-websocket accepts with no extension: permessage-deflate is offered here,
+            # and wsproto agrees to it only if the client asked for it.
+            extensions = [*event.extensions, _Deflate(self._deflate, self._max_frame_bytes)]
+            event = AcceptConnection(event.subprotocol, extensions, event.extra_headers)
         data = super().send(event)
         if not self.client and not self._upgraded:
             if self.connection is not None:
@@ -222,11 +343,13 @@ async def wrap_server_stream(
     message_queue_size: int,
     max_message_size: int,
     max_fragments: int = 1024,
+    deflate: Deflate | None = None,
 ) -> WebSocketRequest:
-    """Like ``trio_websocket.wrap_server_stream``, answering unparsable frames with their code."""
+    """Like ``trio_websocket.wrap_server_stream``, answering unparsable frames with their code,
+    and agreeing to permessage-deflate (``deflate``) when the client offers it."""
     connection = WebSocketConnection(
         stream,
-        _AnsweringWSConnection(ConnectionType.SERVER, max_fragments, max_message_size),
+        _AnsweringWSConnection(ConnectionType.SERVER, max_fragments, max_message_size, deflate),
         message_queue_size=message_queue_size,
         max_message_size=max_message_size,
     )
