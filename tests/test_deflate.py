@@ -27,6 +27,7 @@ def test_negotiated_with_a_real_client_and_a_deflate_bomb_is_1009(tmp_path: Path
             auth = {"Authorization": f"Bearer {token}"}
             ws = await websockets.connect(server.url, additional_headers=auth)
             other = await websockets.connect(server.url, additional_headers=auth)
+            assert ws.response is not None
             extensions = ws.response.headers["Sec-WebSocket-Extensions"]
             assert extensions.startswith("permessage-deflate") and "server_max_window_bits=12" in extensions
             assert (await recv(ws))["type"] == "session.ready"
@@ -52,7 +53,7 @@ def test_off_by_a_setting(tmp_path: Path) -> None:
 
         async def main() -> None:
             ws = await websockets.connect(server.url, additional_headers={"Authorization": f"Bearer {token}"})
-            assert "Sec-WebSocket-Extensions" not in ws.response.headers
+            assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
             await ws.close()
 
         asyncio.run(main())
