@@ -35,6 +35,7 @@ from .fanout import bare_trigger, fanout, publish_trigger
 from .inprocess import measure_inprocess
 from .plot import plot_outage
 from .resume import measure_resume
+from .server_instructions import as_results as server_instructions
 from .servers import AUDIENCE, ISSUER, SECRET, token
 from .storm import storm
 
@@ -339,6 +340,7 @@ async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
                         cpu.setdefault(metric, {}).setdefault(name, []).append(per_op)
                         value = value.per_s
                     samples.setdefault(metric, {}).setdefault(name, []).append(value)
+                note_load(metric)
     finally:
         for server in servers.values():
             server.stop()
@@ -359,13 +361,33 @@ async def measure(quick: bool, only: list[str], rounds: int) -> dict[str, Any]:
         results.update(await measure_cluster(quick, rounds))
     if not only or any(o in "resume" for o in only):
         results["resume"] = await resume_wave(200 if quick else 1000)
+        note_load("resume")
     if not only or any(o in "storm" for o in only):
-        results["storm"] = await reconnect_storm(300 if quick else 3000)
+        storm_result = results["storm"] = await reconnect_storm(300 if quick else 3000)
+        results["storm_failures"] = {"wsgate": storm_result["storm_failures"]}
+        results["storm_t99_s"] = {"wsgate": storm_result["storm_t99_s"]}
+        note_load("storm")
     if not only or any(o in "deflate" for o in only):
-        results["deflate"] = await deflate_run(50 if quick else 300)
+        deflated = results["deflate"] = await deflate_run(50 if quick else 300)
+        results["deflate_wire_ratio"] = {"wsgate": deflated["deflate_wire_ratio"]}
+        note_load("deflate")
     if not only or any(o in "fanout" for o in only):
         results.update(await measure_fanout(300 if quick else 1000, 10 if quick else 20, rounds))
+        note_load("fanout_events_per_s")
+        note_load("cpu_us_per_fanout_event")
+    if not only or any(o in "instructions" for o in only):
+        results.update(await asyncio.to_thread(server_instructions, 50 if quick else 200))
+    results["load_average"] = dict(LOADS)
     return results
+
+
+#: The 1-minute load average as each timed figure was taken (``os.getloadavg``): on a shared
+#: machine, a figure taken under load is read with it.
+LOADS: dict[str, float] = {}
+
+
+def note_load(metric: str) -> None:
+    LOADS[metric] = max(LOADS.get(metric, 0.0), round(os.getloadavg()[0], 2))
 
 
 async def reconnect_storm(clients: int) -> dict[str, Any]:
@@ -703,13 +725,26 @@ def report(results: dict[str, Any], quick: bool) -> None:
         f"\nwsgate benchmarks ({'quick' if quick else 'full'}) on {platform.node()}, {os.cpu_count()} cores"
     )
     print(f"{'metric':<30}{'wsgate':>12}{'bare trio-ws':>14}{'ws + pyjwt':>12}{'vs bare':>10}{'vs peer':>10}")
+    loads = results.get("load_average", {})
     for metric, by in results.items():
-        if metric.startswith("outage_"):
+        if metric.startswith("outage_") or metric in ("load_average", "storm_failures", "storm_t99_s"):
             continue
+        if metric == "deflate_wire_ratio":
+            continue
+        if metric in loads:
+            print(f"{'  (load average ' + format(loads[metric], '.2f') + ')':<30}", end="")
+            print()
         if metric in ("cluster_handshakes_per_s", "cluster_pushes_per_s"):
             one, two = by["1 workers"], by["2 workers"]
             label = metric.removeprefix("cluster_").replace("_per_s", "/s") + ", 1 / 2 workers"
             print(f"{label:<30}{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}  (2 vs 1)")
+            continue
+        if metric.startswith("server_instructions_"):
+            bare = by["bare trio-websocket"]
+            cells = ", ".join(
+                f"{name} {value / 1000:,.0f} k ({value / bare:.2f})" for name, value in by.items()
+            )
+            print(f"{metric.removeprefix('server_'):<30}{cells}")
             continue
         if metric == "deflate":
             plain = by["none"]

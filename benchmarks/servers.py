@@ -5,6 +5,7 @@
   message, echo every message;
 - ``bare-fanout``: the same, and a connection to ``/control`` that sends ``fanout N``
   has N events sent to every other connection;
+- ``peer-trio``: the same on websockets' own Trio implementation (``websockets.trio``);
 - ``peer``: what a user would write instead with the ``websockets`` (asyncio)
   package: the same pyjwt HS256 verification before accepting, then the same.
 wsgate itself runs as ``wsgate serve --app noop``.
@@ -17,6 +18,7 @@ import contextlib
 import http
 import sys
 import time
+from functools import partial
 
 import jwt
 import trio
@@ -86,6 +88,38 @@ async def bare_fanout() -> None:
         print(f"port {server.port}", flush=True)
 
 
+async def peer_trio() -> None:
+    """``peer`` on Trio: websockets' own Trio server, with the same verification."""
+    from websockets.trio.server import ServerConnection as TrioConnection
+    from websockets.trio.server import serve
+
+    def verify(connection: TrioConnection, request: Request) -> Response | None:
+        try:
+            jwt.decode(
+                request.headers.get("Authorization", "").removeprefix("Bearer "),
+                SECRET,
+                algorithms=["HS256"],
+                issuer=ISSUER,
+                audience=AUDIENCE,
+            )
+        except jwt.PyJWTError:
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "invalid token\n")
+        return None
+
+    async def handler(ws: TrioConnection) -> None:
+        await ws.send(READY)
+        async for message in ws:
+            await ws.send(message)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(
+                serve, handler, 0, host="127.0.0.1", process_request=verify, compression=None, max_queue=64
+            )
+        )
+        print(f"port {server.listeners[0].socket.getsockname()[1]}", flush=True)
+
+
 async def peer() -> None:
     def verify(connection: ServerConnection, request: Request) -> Response | None:
         header = request.headers.get("Authorization", "")
@@ -113,5 +147,7 @@ if __name__ == "__main__":
         trio.run(bare)
     elif sys.argv[1] == "bare-fanout":
         trio.run(bare_fanout)
+    elif sys.argv[1] == "peer-trio":
+        trio.run(peer_trio)
     else:
         asyncio.run(peer())
