@@ -740,11 +740,9 @@ def report(results: dict[str, Any], quick: bool) -> None:
             print(f"{label:<30}{one:>12.1f}{two:>14.1f}{'':>12}{two / one:>10.2f}  (2 vs 1)")
             continue
         if metric.startswith("server_instructions_"):
-            bare = by["bare trio-websocket"]
-            cells = ", ".join(
-                f"{name} {value / 1000:,.0f} k ({value / bare:.2f})" for name, value in by.items()
-            )
-            print(f"{metric.removeprefix('server_'):<30}{cells}")
+            floor = by["bare trio-websocket"]
+            listed = ", ".join(f"{name} {n / 1000:,.0f} k ({n / floor:.2f})" for name, n in by.items())
+            print(f"{metric.removeprefix('server_'):<30}{listed}")
             continue
         if metric == "deflate":
             plain = by["none"]
