@@ -106,7 +106,10 @@ def test_a_client_that_stops_reading_is_closed_while_others_are_served(gateway: 
     async def scenario() -> None:
         url = gateway.server.url
         async with (
-            websockets.connect(url, additional_headers=gateway.headers("slow"), max_queue=1) as slow,
+            # No compression: its 50 KB of "x" would be a few bytes each on the wire.
+            websockets.connect(
+                url, additional_headers=gateway.headers("slow"), max_queue=1, compression=None
+            ) as slow,
             websockets.connect(url, additional_headers=gateway.headers("fast")) as fast,
         ):
             await recv(slow)
