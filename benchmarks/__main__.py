@@ -393,23 +393,18 @@ def note_load(metric: str) -> None:
 async def reconnect_storm(clients: int) -> dict[str, Any]:
     """Drain one process into the next on the same port (``benchmarks/storm.py``)."""
     port = free_port()
-    command = [sys.executable, "-m", "wsgate", "serve", "--port", str(port), "--app", "noop"]
+    command = wsgate_command("--app", "noop", port=port)
     old = Server("wsgate (old)", command, WSGATE_ENV)
     return await storm(old, lambda: Server("wsgate (new)", command, WSGATE_ENV), clients, headers())
 
 
+def wsgate_command(*args: str, port: int = 0) -> list[str]:
+    return [sys.executable, "-m", "wsgate", "serve", "--port", str(port), *args]
+
+
 async def deflate_run(runs: int) -> dict[str, Any]:
     """A typical agent run's bytes on the wire, compressed and not (``benchmarks/deflate.py``)."""
-    command = [
-        sys.executable,
-        "-m",
-        "wsgate",
-        "serve",
-        "--port",
-        "0",
-        "--app",
-        "benchmarks.deflate:TypicalAgent",
-    ]
+    command = wsgate_command("--app", "benchmarks.deflate:TypicalAgent")
     got: dict[str, Any] = {}
     for name, takeover in (("deflate", "false"), ("deflate, context takeover", "true")):
         server = Server(
@@ -436,18 +431,7 @@ async def measure_fanout(users: int, events: int, rounds: int) -> dict[str, Any]
     servers = {
         "wsgate": Server(
             "wsgate",
-            [
-                sys.executable,
-                "-m",
-                "wsgate",
-                "serve",
-                "--port",
-                "0",
-                "--app",
-                "noop",
-                "--admin-port",
-                str(admin_port),
-            ],
+            wsgate_command("--app", "noop", "--admin-port", str(admin_port)),
             env,
         ),
         "bare trio-websocket": Server("bare", [sys.executable, "-m", "benchmarks.servers", "bare-fanout"]),

@@ -19,12 +19,12 @@ import http
 import sys
 import time
 from functools import partial
+from typing import Any
 
 import jwt
 import trio
 import trio_websocket
 import websockets
-from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from wsgate.auth.tokens import mint_token
@@ -88,55 +88,43 @@ async def bare_fanout() -> None:
         print(f"port {server.port}", flush=True)
 
 
+def _refused(connection: Any, request: Request) -> Response | None:
+    """pyjwt's HS256 verification of the bearer token before accepting (both peers')."""
+    try:
+        jwt.decode(
+            request.headers.get("Authorization", "").removeprefix("Bearer "),
+            SECRET,
+            algorithms=["HS256"],
+            issuer=ISSUER,
+            audience=AUDIENCE,
+        )
+    except jwt.PyJWTError:
+        refusal: Response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "invalid token\n")
+        return refusal
+    return None
+
+
+async def _echo(ws: Any) -> None:
+    await ws.send(READY)
+    async for message in ws:
+        await ws.send(message)
+
+
 async def peer_trio() -> None:
     """``peer`` on Trio: websockets' own Trio server, with the same verification."""
-    from websockets.trio.server import ServerConnection as TrioConnection
     from websockets.trio.server import serve
-
-    def verify(connection: TrioConnection, request: Request) -> Response | None:
-        try:
-            jwt.decode(
-                request.headers.get("Authorization", "").removeprefix("Bearer "),
-                SECRET,
-                algorithms=["HS256"],
-                issuer=ISSUER,
-                audience=AUDIENCE,
-            )
-        except jwt.PyJWTError:
-            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "invalid token\n")
-        return None
-
-    async def handler(ws: TrioConnection) -> None:
-        await ws.send(READY)
-        async for message in ws:
-            await ws.send(message)
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
             partial(
-                serve, handler, 0, host="127.0.0.1", process_request=verify, compression=None, max_queue=64
+                serve, _echo, 0, host="127.0.0.1", process_request=_refused, compression=None, max_queue=64
             )
         )
         print(f"port {server.listeners[0].socket.getsockname()[1]}", flush=True)
 
 
 async def peer() -> None:
-    def verify(connection: ServerConnection, request: Request) -> Response | None:
-        header = request.headers.get("Authorization", "")
-        try:
-            jwt.decode(
-                header.removeprefix("Bearer "), SECRET, algorithms=["HS256"], issuer=ISSUER, audience=AUDIENCE
-            )
-        except jwt.PyJWTError:
-            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "invalid token\n")
-        return None
-
-    async def handler(ws: ServerConnection) -> None:
-        await ws.send(READY)
-        async for message in ws:
-            await ws.send(message)
-
-    async with websockets.serve(handler, "127.0.0.1", 0, process_request=verify, max_queue=64) as server:
+    async with websockets.serve(_echo, "127.0.0.1", 0, process_request=_refused, max_queue=64) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         print(f"port {port}", flush=True)
         await asyncio.Future()
