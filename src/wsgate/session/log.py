@@ -37,7 +37,9 @@ class MessageLog:
     __slots__ = ("_bytes", "_frames", "_max_bytes", "_max_events", "last")
 
     def __init__(self, max_events: int, max_bytes: int, *, last: int = 0) -> None:
-        self._frames: deque[str] = deque()
+        self._frames: (
+            deque[str] | tuple[()]
+        ) = ()  # a deque from the first message: most idle sessions have none
         self._bytes = 0
         self._max_events = max_events
         self._max_bytes = max_bytes
@@ -67,6 +69,8 @@ class MessageLog:
     def append(self, frame: str) -> None:
         """``frame`` is message ``last + 1``."""
         frames = self._frames
+        if not isinstance(frames, deque):
+            frames = self._frames = deque()
         frames.append(frame)
         self.last += 1
         self._bytes += len(frame)
