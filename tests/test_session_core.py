@@ -182,7 +182,7 @@ EVENTS: dict[str, Event] = {
     "agent event of r1": lambda core: core.run_event("r1", "agent_thinking", {"text": "hm"}),
     "r1 ended": lambda core: core.run_ended("r1", "ok"),
     "drain": lambda core: core.drain(1.5),
-    "server push": lambda core: core.offer('{"type":"event","event":{"n":1}}'),
+    "server push": lambda core: core.offer(),
     "pushes dropped, then caught up": pushed_dropped_then_caught_up,
     "restored": lambda core: core.restored(),
     "idle": lambda core: core.close(effects.IDLE),

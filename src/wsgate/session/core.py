@@ -393,9 +393,9 @@ class SessionCore:
 
     # -- server pushes -------------------------------------------------------------
 
-    def offer(self, text: str) -> bool:
-        """Whether a server push (``text``, encoded once for all) may be queued: not once the
-        connection is closing."""
+    def offer(self) -> bool:
+        """Whether a server push (encoded once for all its connections) may be queued: not
+        once the connection is closing."""
         return self.closing is None
 
     def push_dropped(self) -> bool:

@@ -52,8 +52,6 @@ class Session(Protocol):
 
     def act(self, closing: Close | None) -> None: ...
 
-    def revoke(self) -> None: ...
-
     def moved(self) -> None: ...
 
     def relay(self, frame: str) -> None: ...
@@ -68,7 +66,7 @@ class HostServices(Protocol):
 
     def detached(self, host: SessionHost) -> None: ...
 
-    def logged(self, host: SessionHost, frame: str) -> None: ...
+    def logged(self, host: SessionHost) -> None: ...
 
     def ended(self, host: SessionHost, *, expired: bool) -> None: ...
 
@@ -126,17 +124,23 @@ class SessionHost:
         for scope in self._scopes.values():
             scope.cancel()
 
-    async def deliver(self, text: str) -> None:
-        """Queue ``text`` on the connection serving the session; while detached, log it."""
+    def hold(self, text: str) -> bool:
+        """While runs of the session run on another node, keep ``text`` to number after theirs."""
         if self.core.following:
             self.held.append(text)
+        return self.core.following
+
+    async def deliver(self, text: str) -> None:
+        """Queue ``text`` on the connection serving the session; while detached, log it."""
+        if self.hold(text):
             return
         while (shell := self.attached) is not None:
             if await shell.queue(text) or self.attached is shell:
                 return
             # Not queued: the connection closed meanwhile; the session is detached or ended.
         if self.core.state is State.DETACHED:
-            self._services.logged(self, self.core.number(text))
+            self.core.number(text)
+            self._services.logged(self)
 
     async def _act(self, effects: list[Effect]) -> None:
         for effect in effects:
@@ -207,13 +211,11 @@ class SessionHost:
         scope.deadline = min(trio.current_time() + core.resume_window, expires)
         with scope:
             await trio.sleep_forever()
+        ours = self._expiry is scope and await services.still_ours(self)
         if self._expiry is not scope:
-            return  # resumed, or ended otherwise
-        if not await services.still_ours(self):
-            if self._expiry is scope:  # not resumed here meanwhile
-                self.give_away()
-            return
-        if self._expiry is not scope:
+            return  # resumed, or ended otherwise (before or while the owner was asked)
+        if not ours:
+            self.give_away()
             return
         if trio.current_time() >= expires:
             self.end(core.end(CloseCode.UNAUTHORIZED, "token expired while detached"), expired=True)

@@ -77,6 +77,10 @@ class MessageLog:
         while len(frames) > self._max_events or (self._bytes > self._max_bytes and len(frames) > 1):
             self._bytes -= len(frames.popleft())
 
+    def frames(self) -> list[str]:
+        """Every message kept, oldest first."""
+        return list(self._frames)
+
     def after(self, last_seq: int) -> list[str] | None:
         """Every message after ``last_seq``, in order; None when the log does not reach
         back to it, or ``last_seq`` is ahead of it: a replay is whole or nothing."""

@@ -101,23 +101,21 @@ class Sessions:
         return Admission(result.identity, subprotocol, result.degraded, token=kept)
 
     def new(self, ws: WebSocketConnection, admission: Admission) -> Session:
-        core = SessionCore(
-            self._new_id(),
-            admission,
-            self._lifecycle(admission),
-            self._rules,
-            now=trio.current_time(),
-            stats=self._stats,
+        return Session(
+            self._host(self._core(self._new_id(), admission)), ws, admission, self._settings.server, self
         )
-        return Session(self._host(core), ws, admission, self._settings.server, self)
 
-    def _lifecycle(self, admission: Admission) -> TokenLifecycle:
+    def _core(self, session_id: str, admission: Admission) -> SessionCore:
+        """The core of a session ``admission`` admits, now."""
         identity = admission.identity
-        return TokenLifecycle(
+        lifecycle = TokenLifecycle(
             self._lifecycles[admission.token is not None and self._auth.introspection is not None],
             identity.expires_at,
             identity.issued_at,
             self._clock.now(),
+        )
+        return SessionCore(
+            session_id, admission, lifecycle, self._rules, now=trio.current_time(), stats=self._stats
         )
 
     def _host(self, core: SessionCore) -> SessionHost:
@@ -167,14 +165,7 @@ class Sessions:
             if replay is None:
                 return self._refused(message, user, "gap")
         elif self._stored is not None and host is None:
-            fresh_core = SessionCore(
-                message.session_id,
-                session.admission,
-                self._lifecycle(session.admission),
-                self._rules,
-                now=trio.current_time(),
-                stats=self._stats,
-            )
+            fresh_core = self._core(message.session_id, session.admission)
             try:
                 host, reason = await self._stored.take(
                     fresh_core, token, new_token, message.last_seq, self._host
@@ -202,16 +193,8 @@ class Sessions:
 
     async def _claim(self, core: SessionCore, message: SessionResume, new_token: str) -> str | None:
         assert self._stored is not None
-        store = self._stored.store
         try:
-            claim = await store.claim(
-                core.id,
-                core.identity.user_key,
-                resume_hash(message.resume_token),
-                resume_hash(new_token),
-                message.last_seq,
-                self._clock.now(),
-            )
+            claim = await self._stored.claim(core, message.resume_token, new_token, message.last_seq)
         except Exception as exc:  # the store is away: this node's own word holds
             log.warning("resume claim failed: %s", exc, extra={"event": "session.store"})
             return None
@@ -239,7 +222,7 @@ class Sessions:
         if self._stored is not None:
             self._stored.detached(host)
 
-    def logged(self, host: SessionHost, frame: str) -> None:
+    def logged(self, host: SessionHost) -> None:
         if self._stored is not None:
             self._stored.logged(host)
 

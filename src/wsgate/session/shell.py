@@ -156,7 +156,7 @@ class Session:
         """Queue a server push (an encoded message) without waiting. When full, it is dropped,
         the client is told how many were dropped once it catches up, and a consumer that stays
         full beyond ``slow_consumer_timeout`` is closed (1008)."""
-        return self.core.offer(text) and self._offer(text)
+        return self.core.offer() and self._offer(text)
 
     def drain(self, reconnect_after: float) -> None:
         """Stop taking new runs; close with 1001 once the running ones have finished."""
@@ -260,9 +260,7 @@ class Session:
         outbound = self._outbound
         if not outbound.has_room:
             return False
-        if self.core.following:
-            self.host.held.append(text)
-        else:
+        if not self.host.hold(text):
             outbound.put_nowait(self.core.number(text))
         return True
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ..cluster.sessions import Entry, Saved, SessionStore
+from ..cluster.sessions import Claim, Entry, Saved, SessionStore
 from ..config import ResumeSettings
 from ..errors import CloseCode
 from .core import SessionCore
@@ -141,7 +141,7 @@ class StoredSessions:
 
     async def _save(self, host: SessionHost) -> int | None:
         core = host.core
-        frames = core.log.after(core.log.first - 1) or []
+        frames = core.log.frames()
         saved = Saved(
             host.id,
             core.identity.user_key,
@@ -175,6 +175,14 @@ class StoredSessions:
 
     # -- a session resumed here that this node does not hold ----------------------------
 
+    async def claim(self, core: SessionCore, token: str, new_token: str, last_seq: int) -> Claim:
+        """Claim the stored session ``core`` is (its id, with the resuming user's identity) from
+        its resume ``token``, which becomes ``new_token``: atomic, so good once on every node."""
+        user, now = core.identity.user_key, self._wall_now()
+        return await self.store.claim(
+            core.id, user, resume_hash(token), resume_hash(new_token), last_seq, now
+        )
+
     async def take(
         self,
         core: SessionCore,
@@ -186,14 +194,7 @@ class StoredSessions:
         """Claim the stored session ``core`` is to become (its id) and take it on: the host,
         or why not (``unknown``, ``expired``, ``gap``)."""
         store = self.store
-        claim = await store.claim(
-            core.id,
-            core.identity.user_key,
-            resume_hash(token),
-            resume_hash(new_token),
-            last_seq,
-            self._wall_now(),
-        )
+        claim = await self.claim(core, token, new_token, last_seq)
         if claim.reason is not None:
             return None, claim.reason
         self._known.add(core.id)
