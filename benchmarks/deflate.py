@@ -8,13 +8,13 @@ the server sends; the server's CPU is read around the runs.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from typing import Any
 
 import websockets
 
+from .proxy import Proxy
 from .servers import token
 
 WORDS = [
@@ -75,40 +75,14 @@ class TypicalAgent:
         await emit("agent_completed", status="ok", output="".join(answer))
 
 
-class Counting:
-    """A TCP proxy that counts the bytes the server sends."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.down = 0
-        self.listening = 0
-
-    async def start(self) -> None:
-        server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
-        self.listening = server.sockets[0].getsockname()[1]
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
-
-        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter, count: bool) -> None:
-            while data := await source.read(65536):
-                if count:
-                    self.down += len(data)
-                sink.write(data)
-                await sink.drain()
-            sink.close()
-
-        await asyncio.gather(copy(reader, up_writer, False), copy(up_reader, writer, True))
-
-
 async def wire_bytes(server: Any, runs: int) -> dict[str, dict[str, float]]:
     """Per run, with and without compression offered: bytes sent and server CPU µs."""
     port = int(server.url.rsplit(":", 1)[1].split("/")[0])
     out: dict[str, dict[str, float]] = {}
     for name, compression in (("deflate", "deflate"), ("none", None)):
-        proxy = Counting(port)
+        proxy = Proxy(port)
         await proxy.start()
-        url = f"ws://127.0.0.1:{proxy.listening}/ws"
+        url = f"ws://127.0.0.1:{proxy.port}/ws"
         auth = {"Authorization": f"Bearer {token('deflate-bench')}"}
         cpu = server.cpu_seconds()
         async with websockets.connect(url, additional_headers=auth, compression=compression) as ws:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
 import json
 import os
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from benchmarks.proxy import Proxy
 
 from conftest import start_process, start_server, stop
 
@@ -218,38 +218,6 @@ def test_the_chat_streams_the_answer_and_shows_the_tool_call(tmp_path: Path) -> 
     kinds, seqs = numbered(pairs)
     assert kinds == CHAT_EVENTS and seqs == list(range(1, len(CHAT_EVENTS) + 1))
     assert len(png) > 1000
-
-
-class Proxy:
-    """A TCP proxy in front of the gateway that can drop every connection at once, as a
-    network does (no close frame, no FIN handshake)."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.writers: list[asyncio.StreamWriter] = []
-        self.port = 0
-
-    async def start(self) -> None:
-        server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self.writers += [writer, up_writer]
-
-        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.transport.abort()
-
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
-
-    def cut(self) -> None:
-        for writer in self.writers:
-            writer.transport.abort()
-        self.writers.clear()
 
 
 def test_a_run_cut_off_by_a_dropped_connection_is_resumed_in_the_page_with_every_event_once(
