@@ -14,6 +14,7 @@ import websockets
 
 from conftest import Redis, Server, cluster_node, recv, start_server, stop, until
 from wsgate.auth.tokens import mint_token
+from wsgate.cluster.broker import FANOUT
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +110,17 @@ def token(subject: str = "alice") -> str:
     return mint_token(SECRET.encode(), subject, now=time.time(), ttl=600)
 
 
+async def connected(redis: Redis, nodes: int) -> None:
+    """Once ``nodes`` nodes are connected to Redis (each follows the fan-out channel): a node
+    serves before it has reached Redis, and until then it cannot claim a stored session."""
+
+    async def followers() -> bool:
+        counts = await redis.query("pubsub_numsub", FANOUT)
+        return bool(counts[FANOUT.encode()] == nodes)
+
+    await until(followers, f"{nodes} nodes connected to Redis")
+
+
 async def stored(redis: Redis, ready: dict[str, Any]) -> None:
     """Once the node the connection dropped from has written the session to Redis."""
     key = f"wsgate:session:{ready['session_id']}"
@@ -122,6 +134,7 @@ def test_a_run_cut_off_on_one_node_is_resumed_on_another_while_it_goes_on(
     try:
 
         async def main() -> None:
+            await connected(redis, 2)
             ready, before = await cut_mid_run(a, token())
             await stored(redis, ready)
             # Node a still runs it; b replays what a logged and relays the rest as it comes.
@@ -162,6 +175,7 @@ def test_a_drained_node_hands_its_sessions_to_a_new_process(tmp_path: Path, redi
             assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
             assert old.proc.wait(timeout=30) == 0
             new = node(tmp_path, "new", redis)
+            await connected(redis, 1)
             rest = await resumed_after_ping(new, ready, seen[-1]["seq"])
             assert rest == [{"type": "pong", "id": "after", "seq": seen[-1]["seq"] + 1}]
 
@@ -190,6 +204,7 @@ def test_a_detached_run_whose_node_dies_ends_node_lost_never_in_silence(tmp_path
     try:
 
         async def main() -> None:
+            await connected(redis, 2)
             ws = await connect(a, token())
             ready = await recv(ws)
             await ws.send(json.dumps({"type": "user_message", "text": "doomed", "id": "m1"}))
